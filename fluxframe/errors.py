@@ -1,0 +1,56 @@
+"""Errors a fluxframe user can catch.
+
+Every message names what is at fault: the file, the key, the config field or the plugin.
+All of them derive from FluxframeError, so `except FluxframeError` catches anything
+fluxframe raises on purpose; anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class FluxframeError(Exception):
+    """Base class of every error fluxframe raises on purpose."""
+
+
+class ConfigError(FluxframeError):
+    """A config file is unreadable, or a key is unknown, missing or of the wrong type."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        self.path = path
+        self.key = key
+        where = ": ".join(p for p in (path, key) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PluginError(FluxframeError):
+    """A plugin failed to import, registered something twice, or was asked for but is absent."""
+
+    def __init__(self, message: str, *, plugin: str | None = None):
+        self.plugin = plugin
+        super().__init__(message)
+
+
+class CheckpointError(FluxframeError):
+    """A checkpoint is missing, pickled, truncated, or does not match the model it should fill."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        parts = []
+        if file:
+            parts.append(str(file))
+        if key:
+            parts.append(f"key {key!r}")
+        super().__init__(f"{', '.join(parts)}: {message}" if parts else message)
+
+
+class RequestError(FluxframeError):
+    """A generation request is invalid (size, steps, seed, prompt, inputs)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class OutputError(FluxframeError):
+    """An output could not be written."""
