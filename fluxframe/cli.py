@@ -1,0 +1,143 @@
+"""The ``fluxframe`` command: a thin layer over the Python API (fluxframe.api).
+
+Exit codes: 0 success, 1 a fluxframe error (bad config, checkpoint, request), 2 bad usage.
+Anything else escaping is a bug, and is reported as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fluxframe import __version__
+from fluxframe.errors import FluxframeError
+
+
+def _positive(name: str, kind=int, minimum=1):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxframe", description="FLUX.2 image generation with plugins, "
+                                     "safety filters and provenance.")
+    parser.add_argument("--version", action="version", version=f"fluxframe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and how long it takes")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate an image from a prompt")
+    gen.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
+    gen.add_argument("--prompt", required=True, help="what to draw")
+    gen.add_argument("--seed", type=_positive("--seed", minimum=0))
+    gen.add_argument("--steps", type=_positive("--steps"))
+    gen.add_argument("--guidance", type=_positive("--guidance", float, 0.0))
+    gen.add_argument("--width", type=_positive("--width", minimum=16))
+    gen.add_argument("--height", type=_positive("--height", minimum=16))
+    gen.add_argument("--output", type=Path, help="output file (default: the config's [output] dir)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide") \
+        .add_argument("--json", action="store_true")
+
+    config = sub.add_parser("config", help="config file tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = config_sub.add_parser("check", help="validate a config without loading weights")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from fluxframe import api
+
+    pipeline = api.load(args.config)
+    bar = None
+
+    def progress(info):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=info.num_steps, desc="denoising", unit="step", file=sys.stderr,
+                       disable=args.no_progress)
+        bar.update(1)
+
+    try:
+        result = pipeline.generate(
+            api.GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                  width=args.width, height=args.height, output=args.output),
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    print(f"seed {result.seed}, {result.steps} steps, guidance {result.guidance}, "
+          f"{result.width}x{result.height}, {result.timings['total']:.1f} s", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from fluxframe.core.plugins import PluginHost
+
+    host = PluginHost()
+    host.registry  # collect, so each plugin's `provides` is filled
+    rows = [
+        {"name": i.name, "source": i.source, "builtin": i.builtin, "provides": i.provides} for i in host.info.values()
+    ]
+    failures = [{"name": f.plugin, "source": f.source, "error": f.error} for f in host.failures]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failed": failures}, indent=2))
+        return 0
+    for row in rows:
+        kind = "built-in" if row["builtin"] else "third-party"
+        print(f"{row['name']:<16} {kind:<12} {row['source']}")
+        for item in row["provides"]:
+            print(f"    {item}")
+    for failure in failures:
+        print(f"{failure['name']:<16} FAILED       {failure['source']}: {failure['error']}")
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from fluxframe import api
+
+    warnings = api.check_config(args.file)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.file}: ok")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "config": cmd_config_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except FluxframeError as exc:
+        print(f"fluxframe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fluxframe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The deployment config: one TOML file, validated in full before anything heavy loads.
+
+Unknown keys and wrong types are errors naming the key path (``sampler.steps``). Relative paths
+are resolved against the config file's folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fluxframe.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSection(_Section):
+    family: str = "flux2"
+    path: str | None = None
+    preset: str | None = None  # a built-in checkpoint the model family makes itself, e.g. "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("give exactly one of `path` (a checkpoint folder) or `preset` (\"tiny\")")
+        return self
+
+
+class SamplerSection(_Section):
+    name: str = "flow-euler"
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(4.0, ge=0.0, le=100.0)
+    width: int = Field(1024, ge=16, le=4096)
+    height: int = Field(1024, ge=16, le=4096)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        # TOML users write `guidance = 4`; an int is a fine float, a string is not.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class OutputSection(_Section):
+    dir: str = "outputs"
+    format: Literal["png", "jpeg", "webp"] = "png"
+    name: str = "{request_id}"
+
+
+class PluginsSection(_Section):
+    allow: list[str] | None = None
+    block: list[str] = []
+    require: list[str] = []
+
+
+class MemorySection(_Section):
+    strategy: str = "none"
+
+
+class Config(_Section):
+    model: ModelSection
+    sampler: SamplerSection = SamplerSection()
+    output: OutputSection = OutputSection()
+    plugins: PluginsSection = PluginsSection()
+    memory: MemorySection = MemorySection()
+    # Where the file was read from; relative paths resolve against its folder.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    source: str = Field("<config>", exclude=True)
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def model_path(self) -> Path | None:
+        return self.resolve(self.model.path) if self.model.path else None
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output.dir)
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _messages(error: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if "input" in item and kind.endswith("_type"):
+                message += f" (got {type(item['input']).__name__} {item['input']!r})"
+        out.append((_key_path(loc), message))
+    return out
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a config dict; every problem found is listed in one ConfigError."""
+    if "base_dir" in data or "source" in data:
+        bad = "base_dir" if "base_dir" in data else "source"
+        raise ConfigError("unknown key", path=source, key=bad)
+    try:
+        return Config.model_validate({**data, "base_dir": base_dir or Path.cwd(), "source": source})
+    except ValidationError as exc:
+        problems = _messages(exc)
+        error = ConfigError("; ".join(f"{key}: {msg}" if key else msg for key, msg in problems), path=source)
+        error.key = problems[0][0] if problems else None
+        error.problems = problems
+        raise error from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file does not exist", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file: {exc}", path=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,202 @@
+"""The interfaces plugins implement. The core knows only these; every concrete model, sampler,
+filter or postprocessor lives in a plugin and reaches the core through a ``register_*`` hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from fluxframe.core.config import Config
+    from fluxframe.core.types import (
+        Conditioning,
+        GenerationRequest,
+        Latents,
+        StepInfo,
+        TextConditioning,
+    )
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model family accepts; the runner checks requests against these before any work."""
+
+    latent_channels: int
+    pixel_multiple: int  # width and height must be multiples of this
+    max_references: int = 0
+    max_text_tokens: int = 512
+    min_size: int = 16
+    max_size: int = 4096
+
+
+class ModelFamily(ABC):
+    """A loaded model of one family: its denoiser, autoencoder and text encoder(s)."""
+
+    name: ClassVar[str]
+    limits: ModelLimits
+    default_steps: ClassVar[int] = 50
+    default_guidance: ClassVar[float] = 4.0
+
+    @classmethod
+    @abstractmethod
+    def load(cls, config: Config, memory: MemoryStrategy) -> ModelFamily:
+        """Load from the config's [model] section (path, dtype, device), placing weights as ``memory`` says."""
+
+    @classmethod
+    def check(cls, config: Config) -> list[str]:
+        """Cheap checks of the config against the checkpoint (files exist, layout known), without loading
+        weights. Returns warnings; raises FluxframeError for what cannot work."""
+        return []
+
+    @property
+    @abstractmethod
+    def checkpoint_id(self) -> str:
+        """A stable identity of the loaded weights (e.g. a hash of the config and weight file headers)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
+        """Prompt embeddings for a batch of prompts."""
+
+    @abstractmethod
+    def initial_noise(self, seed: int, width: int, height: int) -> Latents:
+        """The starting noise for one image, drawn reproducibly from the seed."""
+
+    @abstractmethod
+    def sigmas(self, steps: int, image_tokens: int) -> torch.Tensor:
+        """The noise levels of the schedule, steps + 1 values from 1 down to 0 (float32)."""
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        latent_ids: torch.Tensor,
+        sigma: torch.Tensor,
+        text: TextConditioning,
+        conditioning: Conditioning,
+        guidance: float,
+    ) -> torch.Tensor:
+        """The velocity of the image tokens (B, N, C) at noise level sigma."""
+
+    @abstractmethod
+    def encode_image(self, images: torch.Tensor) -> Latents:
+        """Images (B, 3, H, W) in [-1, 1] to latent tokens (used by conditioners)."""
+
+    @abstractmethod
+    def decode(self, latents: Latents) -> torch.Tensor:
+        """Latent tokens to images (B, 3, H, W) in [-1, 1]."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for logs and provenance records."""
+        return {"family": self.name, "checkpoint": self.checkpoint_id}
+
+
+class Conditioner(ABC):
+    """Turns request inputs (reference images, masks, control images ...) into conditioning."""
+
+    name: ClassVar[str]
+    #: Model family names this conditioner works with; empty means any.
+    families: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def prepare(
+        self, model: ModelFamily, request: GenerationRequest, inputs: dict[str, Any], conditioning: Conditioning
+    ) -> None:
+        """Add to ``conditioning`` from this conditioner's per-request ``inputs``."""
+
+    def input_images(self, inputs: dict[str, Any]) -> list[Any]:
+        """The images among the inputs, so input filters can check them."""
+        return []
+
+
+class Sampler(ABC):
+    """The denoising loop over a sigma schedule."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def sample(
+        self,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        velocity: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> torch.Tensor:
+        """Integrate from sigmas[0] to sigmas[-1]; ``velocity(x, sigma, step)`` calls the model."""
+
+
+@dataclass
+class OutputContext:
+    """What postprocessors and output filters know about the image being finished."""
+
+    request: GenerationRequest
+    model: dict[str, Any]
+    config: Config
+    verdicts: list[Any] = field(default_factory=list)
+    records: dict[str, Any] = field(default_factory=dict)  # what each postprocessor did, for the audit log
+
+
+class Postprocessor(ABC):
+    """Runs on the decoded image and then on the written file, in ascending ``order``.
+
+    The order is fixed by the core: pixel watermarks (100-199) before metadata and signing (200-299).
+    """
+
+    name: ClassVar[str]
+    order: ClassVar[int] = 100
+
+    def process_image(self, image: Any, context: OutputContext) -> Any:
+        """Change the PIL image before it is encoded (e.g. embed a watermark)."""
+        return image
+
+    def process_file(self, path: Path, media_type: str, context: OutputContext) -> None:
+        """Change the encoded file in place before it is released (e.g. sign it)."""
+
+
+@dataclass
+class Verdict:
+    """A filter's decision on one prompt or image."""
+
+    filter: str
+    version: str
+    allowed: bool
+    target: str  # "prompt", "negative_prompt", "input_image", "output_image"
+    scores: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    reason: str = ""
+    action: str = "allow"  # allow | block | modify
+
+
+class Filter(ABC):
+    """A safety filter: checks prompts, input images and/or the output image."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "0"
+    targets: ClassVar[frozenset[str]] = frozenset()
+
+    def check_prompt(self, text: str, target: str) -> Verdict:
+        raise NotImplementedError
+
+    def check_image(self, image: Any, target: str) -> Verdict:
+        raise NotImplementedError
+
+
+class MemoryStrategy(ABC):
+    """Decides where weights live and when they move."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def place(self, component: str, module: Any, device: Any) -> Any:
+        """Called once per component after loading; returns the module to use."""
+
+    def before_use(self, component: str, module: Any, device: Any) -> None:
+        """Called before a component runs (e.g. move it to the device)."""
+
+    def after_use(self, component: str, module: Any, device: Any) -> None:
+        """Called after a component ran (e.g. move it back to the CPU)."""

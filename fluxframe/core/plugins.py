@@ -1,0 +1,175 @@
+"""Finding plugins and collecting what they register.
+
+Built-ins and third-party packages load the same way: entry points in the ``fluxframe`` group.
+A plugin that fails to import is recorded by name and skipped, unless the config requires it;
+a name registered twice is an error naming both plugins. ``FLUXFRAME_TRACE_PLUGINS=1`` prints
+every hook call to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from fluxframe.core import hookspecs
+from fluxframe.errors import PluginError
+
+ENTRY_POINT_GROUP = "fluxframe"
+
+# kind -> the hook that collects it
+KINDS = {
+    "model_family": "register_model_families",
+    "sampler": "register_samplers",
+    "conditioner": "register_conditioners",
+    "postprocessor": "register_postprocessors",
+    "filter": "register_filters",
+    "memory_strategy": "register_memory_strategies",
+}
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str
+    name: str
+    factory: Any
+    plugin: str
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    plugin: str
+    source: str
+    error: str
+    detail: str
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "package-name version" for entry points, the module path for plugins added in code
+    builtin: bool
+    provides: list[str] = field(default_factory=list)
+
+
+class PluginHost:
+    """A pluggy manager plus the registry of everything the plugins registered."""
+
+    def __init__(self, *, load_entry_points: bool = True, block: Iterable[str] = (), allow: Iterable[str] | None = None,
+                 required: Iterable[str] = ()):
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.block = set(block)
+        self.allow = set(allow) if allow is not None else None
+        self.required = set(required)
+        self.failures: list[LoadFailure] = []
+        self.info: dict[str, PluginInfo] = {}
+        self._registry: dict[str, dict[str, Registration]] | None = None
+        if os.environ.get("FLUXFRAME_TRACE_PLUGINS"):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+        if load_entry_points:
+            self._load_entry_points()
+        missing = self.required - set(self.info)
+        if missing:
+            reasons = {f.plugin: f.error for f in self.failures}
+            detail = "; ".join(f"{name}: {reasons.get(name, 'not installed')}" for name in sorted(missing))
+            raise PluginError(f"required plugin(s) not available: {detail}", plugin=sorted(missing)[0])
+
+    def _load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self.info or self.pm.is_blocked(ep.name):
+                continue
+            dist = ep.dist
+            source = f"{dist.name} {dist.version}" if dist else ep.value
+            builtin = bool(dist and dist.name == "fluxframe")
+            if ep.name in self.block and ep.name not in self.required:
+                continue
+            if self.allow is not None and ep.name not in self.allow and not builtin and ep.name not in self.required:
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the CLI down
+                self.failures.append(
+                    LoadFailure(ep.name, source, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                )
+                continue
+            self.add(module, name=ep.name, source=source, builtin=builtin)
+
+    def add(self, plugin: Any, *, name: str, source: str | None = None, builtin: bool = False) -> None:
+        """Register a plugin object or module (tests and embedding applications use this directly)."""
+        if name in self.info:
+            raise PluginError(f"a plugin named {name!r} is already registered", plugin=name)
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} is invalid: {exc}", plugin=name) from exc
+        self.info[name] = PluginInfo(name, source or getattr(plugin, "__name__", repr(plugin)), builtin)
+        self._registry = None
+
+    def remove(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self.info.pop(name, None)
+        self._registry = None
+
+    @property
+    def registry(self) -> dict[str, dict[str, Registration]]:
+        """kind -> name -> Registration, collected from every plugin's hooks (once, then cached)."""
+        if self._registry is None:
+            self._registry = self._collect()
+        return self._registry
+
+    def _collect(self) -> dict[str, dict[str, Registration]]:
+        registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        for info in self.info.values():
+            info.provides.clear()
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                plugin_name = impl.plugin_name
+
+                def register(name: str, factory: Any, *, _kind=kind, _plugin=plugin_name) -> None:
+                    if not isinstance(name, str) or not name:
+                        raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name", plugin=_plugin)
+                    existing = registry[_kind].get(name)
+                    if existing is not None:
+                        raise PluginError(
+                            f"{_kind} {name!r} is registered by both {existing.plugin!r} and {_plugin!r}; "
+                            "block one of them in [plugins] block = [...]",
+                            plugin=_plugin,
+                        )
+                    registry[_kind][name] = Registration(_kind, name, factory, _plugin)
+                    if _plugin in self.info:
+                        self.info[_plugin].provides.append(f"{_kind}:{name}")
+
+                try:
+                    impl.function(register=register)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                        plugin=plugin_name,
+                    ) from exc
+        return registry
+
+    def get(self, kind: str, name: str) -> Registration:
+        found = self.registry[kind].get(name)
+        if found is None:
+            known = ", ".join(sorted(self.registry[kind])) or "none"
+            hint = ""
+            if any(f.plugin == name for f in self.failures):
+                hint = f" (plugin {name!r} failed to load; see `fluxframe plugins`)"
+            raise PluginError(f"no {kind.replace('_', ' ')} named {name!r} is registered (known: {known}){hint}",
+                              plugin=name)
+        return found

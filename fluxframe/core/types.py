@@ -1,0 +1,90 @@
+"""Plain data passed between the stages of a run: the request, what the model works on, the result."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GenerationRequest:
+    """One image to make. Fields left as None take the config's [sampler] defaults."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    output: Path | None = None
+    # Per-request conditioner inputs, by conditioner name: {"reference": {"images": [...]}}.
+    conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TextConditioning:
+    """Prompt embeddings and their position ids, as the model family's encoder produced them."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    ids: torch.Tensor  # (L, axes)
+
+
+@dataclass
+class Latents:
+    """Image tokens being denoised, with the grid they came from."""
+
+    tokens: torch.Tensor  # (B, N, C)
+    ids: torch.Tensor  # (N, axes)
+    grid: tuple[int, int]  # (h, w) in tokens
+
+
+@dataclass
+class Conditioning:
+    """What conditioners add to the model input. The model family decides how to use each part.
+
+    extra_tokens: (tokens (B, M, C), ids (M, axes)) appended after the image tokens; the
+        prediction for them is cut away.
+    extra_channels: (B, N, C') concatenated to every image token's channels.
+    step_hooks: called as hook(step, num_steps, conditioning) before each step, e.g. to switch
+        control channels off after a fraction of the steps.
+    """
+
+    extra_tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    extra_channels: list[torch.Tensor] = field(default_factory=list)
+    step_hooks: list[Any] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    """Passed to the per-step callback (progress bars, previews, cancellation)."""
+
+    step: int
+    num_steps: int
+    sigma: float
+    latents: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    """A finished run: the image, where it was written and what produced it."""
+
+    request_id: str
+    image: Any  # PIL.Image.Image
+    path: Path | None
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    prompt: str
+    model_family: str
+    timings: dict[str, float] = field(default_factory=dict)
+    verdicts: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)

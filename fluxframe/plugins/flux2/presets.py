@@ -1,0 +1,97 @@
+"""Built-in checkpoints the flux2 family makes itself, so fluxframe runs on a machine with no weights.
+
+``tiny`` is a FLUX.2 checkpoint with random weights in the diffusers folder layout: it loads
+through exactly the code path of a real checkpoint, and draws noise. It is built once, into
+the cache folder ($FLUXFRAME_CACHE, else ~/.cache/fluxframe), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fluxframe.core.checkpoint import save_sharded
+
+from . import keymap
+from .autoencoder import AutoencoderConfig, Flux2Autoencoder
+from .transformer import Flux2Transformer, TransformerConfig
+
+TINY_VERSION = "tiny-v1"
+PRESETS = ("tiny",)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLUXFRAME_CACHE") or Path.home() / ".cache" / "fluxframe")
+
+
+def preset_folder(name: str) -> Path:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}")
+    folder = cache_dir() / "presets" / TINY_VERSION
+    if not (folder / "model_index.json").exists():
+        build_tiny(folder)
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tiny(folder: Path, *, seed: int = 0) -> Path:
+    """Write the tiny random checkpoint to ``folder`` (built beside it, then renamed into place)."""
+    from .tiny import build_tiny_mistral3, build_tiny_tokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            build_tiny_tokenizer(work / "tokenizer")
+            from transformers import AutoTokenizer
+
+            vocab = len(AutoTokenizer.from_pretrained(work / "tokenizer", local_files_only=True))
+            build_tiny_mistral3(work / "text_encoder", vocab_size=vocab, seed=seed)
+
+            text_hidden = json.loads((work / "text_encoder" / "config.json").read_text())["text_config"]["hidden_size"]
+            t_config = TransformerConfig(
+                num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+                joint_attention_dim=3 * text_hidden, axes_dims_rope=(8, 8, 8, 8),
+            )
+            transformer = Flux2Transformer(t_config)
+            _write_json(work / "transformer" / "config.json", t_config.to_dict())
+            save_sharded(keymap.to_diffusers(transformer.state_dict(), t_config), work / "transformer")
+
+            v_config = AutoencoderConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+            vae = Flux2Autoencoder(v_config)
+            vae.bn.running_mean.normal_(0, 0.1)
+            vae.bn.running_var.uniform_(0.5, 1.5)
+            _write_json(work / "vae" / "config.json", v_config.to_dict())
+            save_sharded(vae.state_dict(), work / "vae")
+
+        _write_json(work / "scheduler" / "scheduler_config.json", {
+            "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+            "use_dynamic_shifting": True, "time_shift_type": "exponential",
+        })
+        _write_json(work / "model_index.json", {
+            "_class_name": "Flux2Pipeline",
+            "_fluxframe_preset": f"{TINY_VERSION}: random weights, seed {seed}",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "Flux2Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLFlux2"],
+        })
+        try:
+            os.replace(work, folder)
+        except OSError:
+            if not (folder / "model_index.json").exists():  # not just a concurrent builder that won the race
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder

@@ -1,0 +1,310 @@
+"""The FLUX.2 diffusion transformer (the "DiT"), in plain PyTorch.
+
+Parameters carry the names of the original single-file checkpoints published by the FLUX.2
+authors (``double_blocks.N.img_attn.qkv`` ...), so that layout loads as it is; the diffusers
+folder layout is mapped onto these names by ``keymap.py``. Fused q/k/v projections and one
+RoPE table per forward keep the number of kernel launches low.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxframe.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a FLUX.2 DiT. Field names follow diffusers' ``transformer/config.json``."""
+
+    in_channels: int = 128
+    out_channels: int | None = None
+    num_layers: int = 8
+    num_single_layers: int = 48
+    attention_head_dim: int = 128
+    num_attention_heads: int = 48
+    joint_attention_dim: int = 15360
+    timestep_guidance_channels: int = 256
+    mlp_ratio: float = 3.0
+    axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)
+    rope_theta: int = 2000
+    eps: float = 1e-6
+    guidance_embeds: bool = True
+    patch_size: int = 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config.json") -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in d.items():
+            if key.startswith("_"):
+                continue
+            if key not in known:
+                raise CheckpointError(
+                    "unknown FLUX.2 transformer setting; is this a FLUX.2 checkpoint?", file=source, key=key
+                )
+            values[key] = tuple(value) if isinstance(value, list) else value
+        config = cls(**values)
+        if config.patch_size != 1:
+            raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
+        if sum(config.axes_dims_rope) != config.attention_head_dim:
+            raise CheckpointError(
+                f"RoPE axes {config.axes_dims_rope} do not add up to the head dim {config.attention_head_dim}",
+                file=source,
+                key="axes_dims_rope",
+            )
+        return config
+
+    def to_dict(self) -> dict:
+        d = {"_class_name": "Flux2Transformer2DModel"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        return d
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t·1000, cosine half first, computed in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (S, head_dim/2) each, from 4-axis position ids (S, 4).
+
+    Angles are computed in float64 where the device has it: positions reach the thousands and
+    fp32 angles would drift from the reference implementation.
+    """
+    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim))
+        angles.append(ids[:, axis].to(dtype)[:, None] * inv_freq[None])
+    angles = torch.cat(angles, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of x (B, H, S, D) by the angles, in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys, with learned scales."""
+
+    def __init__(self, head_dim: int, eps: float):
+        super().__init__()
+        self.query_norm = _RMSScale(head_dim, eps)
+        self.key_norm = _RMSScale(head_dim, eps)
+
+
+class _RMSScale(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.scale, self.eps)
+
+
+class SelfAttention(nn.Module):
+    """The projections of one stream of a double block; attention itself is joint (see DoubleBlock)."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // heads, eps)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
+
+
+def _attention(q, k, v, rope) -> torch.Tensor:
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class DoubleBlock(nn.Module):
+    """Separate weights for image and text tokens, one joint attention over [text, image]."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.eps = eps
+        self.img_attn = SelfAttention(dim, heads, eps)
+        self.img_mlp = _mlp(dim, hidden)
+        self.txt_attn = SelfAttention(dim, heads, eps)
+        self.txt_mlp = _mlp(dim, hidden)
+
+    def forward(self, img, txt, img_mod, txt_mod, rope):
+        (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = img_mod
+        (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = txt_mod
+        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift1, i_scale1, self.eps))
+        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift1, t_scale1, self.eps))
+        attn = _attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
+        txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
+
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2, self.eps))
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2, self.eps))
+        return _clip_fp16(img), _clip_fp16(txt)
+
+
+class SingleBlock(nn.Module):
+    """One stream over [text, image]; attention and MLP in parallel from one fused projection."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.eps = eps
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * self.mlp_hidden, bias=False)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim, bias=False)
+        self.norm = QKNorm(dim // heads, eps)
+        self.mlp_act = SwiGLU()
+
+    def forward(self, x, mod, rope):
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(_modulate(x, shift, scale, self.eps)).split(
+            [self.linear2.out_features * 3, 2 * self.mlp_hidden], dim=-1
+        )
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        attn = _attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return _clip_fp16(x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)))
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim, bias=False)
+        self.out_layer = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """(shift, scale, gate) sets computed once per forward and shared by every block of a kind."""
+
+    def __init__(self, dim: int, sets: int):
+        super().__init__()
+        self.sets = sets
+        self.lin = nn.Linear(dim, 3 * sets * dim, bias=False)
+
+    def forward(self, vec: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1)
+        return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.sets)]
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+        self.linear = nn.Linear(dim, out_channels, bias=False)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, eps: float) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(_modulate(x, shift, scale, eps))
+
+
+class Flux2Transformer(nn.Module):
+    """Predicts the flow-matching velocity of image tokens given text tokens and a timestep."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim, heads = config.hidden_size, config.num_attention_heads
+        self.img_in = nn.Linear(config.in_channels, dim, bias=False)
+        self.txt_in = nn.Linear(config.joint_attention_dim, dim, bias=False)
+        self.time_in = MLPEmbedder(config.timestep_guidance_channels, dim)
+        self.guidance_in = MLPEmbedder(config.timestep_guidance_channels, dim) if config.guidance_embeds else None
+        self.double_stream_modulation_img = Modulation(dim, 2)
+        self.double_stream_modulation_txt = Modulation(dim, 2)
+        self.single_stream_modulation = Modulation(dim, 1)
+        self.double_blocks = nn.ModuleList(
+            DoubleBlock(dim, heads, config.mlp_ratio, config.eps) for _ in range(config.num_layers)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleBlock(dim, heads, config.mlp_ratio, config.eps) for _ in range(config.num_single_layers)
+        )
+        self.final_layer = LastLayer(dim, config.output_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """img (B, N, in_channels), txt (B, L, joint_attention_dim), ids (N, 4) / (L, 4),
+        timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out)."""
+        dtype = self.dtype
+        cfg = self.config
+        vec = self.time_in(timestep_embedding(timesteps, cfg.timestep_guidance_channels).to(dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this FLUX.2 transformer is guidance-distilled: pass a guidance value")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, cfg.timestep_guidance_channels).to(dtype))
+
+        img = self.img_in(img.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        rope = rope_table(torch.cat([txt_ids, img_ids], dim=0), cfg.axes_dims_rope, cfg.rope_theta)
+
+        img_mod = self.double_stream_modulation_img(vec)
+        txt_mod = self.double_stream_modulation_txt(vec)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, img_mod, txt_mod, rope)
+
+        x = torch.cat([txt, img], dim=1)
+        (single_mod,) = self.single_stream_modulation(vec)
+        for block in self.single_blocks:
+            x = block(x, single_mod, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec, cfg.eps)
