@@ -157,5 +157,5 @@ class Pipeline:
 
         return GenerationResult(
             request_id=request.request_id, image=image, path=path, prompt=request.prompt,
-            model_family=model.name, timings=timings, **settings,
+            model_family=model.name, timings=timings, latents=latents.tokens, **settings,
         )

@@ -88,3 +88,4 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     verdicts: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    latents: Any = None  # the denoised latent tokens (B, N, C), before decoding
