@@ -1,0 +1,100 @@
+"""Config validation: every error names the file and the key path, before anything heavy loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fluxframe import api
+from fluxframe.errors import CheckpointError, ConfigError, PluginError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def write(tmp_path, text, name="deploy.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("body,key,words", [
+    ('[model]\npreset = "tiny"\ndtyp = "float32"\n', "model.dtyp", "unknown key"),
+    ('[model]\npreset = "tiny"\n[samplr]\nsteps = 4\n', "samplr", "unknown key"),
+    ('[model]\npreset = "tiny"\n[sampler]\nsteps = "4"\n', "sampler.steps", "valid integer"),
+    ('[model]\npreset = "tiny"\n[sampler]\nsteps = 0\n', "sampler.steps", "greater than or equal to 1"),
+    ('[model]\npreset = "tiny"\n[sampler]\nguidance = "high"\n', "sampler.guidance", "valid number"),
+    ('[model]\npreset = "tiny"\ndtype = "float64"\n', "model.dtype", "float32"),
+    ('[model]\npreset = "tiny"\ndevice = "gpu0"\n', "model.device", "cuda:N"),
+    ('[model]\npath = "a"\npreset = "tiny"\n', "model", "exactly one"),
+    ('[sampler]\nsteps = 4\n', "model", "missing"),
+    ('model = 3\n', "model", "valid dictionary"),
+    ('[model]\npreset = "tiny"\n[output]\nformat = "gif"\n', "output.format", "png"),
+    ('[model]\npreset = "tiny"\n[plugins]\nblock = "x"\n', "plugins.block", "valid list"),
+])
+def test_bad_values_name_the_key(tmp_path, body, key, words):
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        api.load_config(path)
+    assert info.value.key == key
+    assert str(path) in str(info.value) and key in str(info.value) and words in str(info.value)
+
+
+def test_several_problems_are_all_listed(tmp_path):
+    path = write(tmp_path, '[model]\npreset = "tiny"\ncolour = 1\n[sampler]\nsteps = -1\n')
+    with pytest.raises(ConfigError) as info:
+        api.load_config(path)
+    assert "model.colour" in str(info.value) and "sampler.steps" in str(info.value)
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        api.load_config(write(tmp_path, "[model\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        api.load_config(tmp_path / "nope.toml")
+
+
+def test_int_guidance_is_accepted_and_defaults_fill_in(tmp_path):
+    config = api.load_config(write(tmp_path, '[model]\npreset = "tiny"\n[sampler]\nguidance = 4\n'))
+    assert config.sampler.guidance == 4.0 and config.sampler.steps == 50 and config.model.family == "flux2"
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    config = api.load_config(write(tmp_path, '[model]\npath = "ckpt/dev"\n[output]\ndir = "out"\n'))
+    assert config.model_path == (tmp_path / "ckpt" / "dev").resolve()
+    assert config.output_dir == (tmp_path / "out").resolve()
+
+
+def test_check_names_unknown_family_sampler_and_missing_checkpoint(tmp_path, host):
+    with pytest.raises(PluginError, match="no model family named 'flux9'.*known: flux2"):
+        api.check_config(api.load_config(write(tmp_path, '[model]\nfamily = "flux9"\npreset = "tiny"\n')), host=host)
+    with pytest.raises(PluginError, match="no sampler named 'ddim'"):
+        api.check_config(api.load_config(write(tmp_path, '[model]\npreset = "tiny"\n[sampler]\nname = "ddim"\n')),
+                         host=host)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        api.check_config(api.load_config(write(tmp_path, '[model]\npath = "missing"\n')), host=host)
+    with pytest.raises(ConfigError, match="model.preset"):
+        api.check_config(api.load_config(write(tmp_path, '[model]\npreset = "huge"\n')), host=host)
+
+
+def example_configs() -> list[str]:
+    """The README's config examples (TOML blocks with a [model] table) and the shipped configs/."""
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "[model]" in b]
+    assert blocks, "the README shows no config example"
+    return blocks + [p.read_text() for p in sorted((README.parent / "configs").glob("*.toml"))]
+
+
+def test_readme_and_shipped_configs_pass_config_check(tmp_path, host, diffusers_flux2_folder):
+    """Every config example validates, with a checkpoint where the example points."""
+    examples = example_configs()
+    assert len(examples) >= 2
+    for i, text in enumerate(examples):
+        folder = tmp_path / f"example{i}"
+        folder.mkdir()
+        config = api.load_config(write(folder, text))
+        if config.model.path:
+            target = config.model_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(diffusers_flux2_folder, target_is_directory=True)
+        api.check_config(config, host=host)
