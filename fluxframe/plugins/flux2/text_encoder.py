@@ -1,0 +1,227 @@
+"""FLUX.2 dev prompt encoder: Mistral Small 3.x through transformers.
+
+Each prompt goes through the checkpoint's chat template as [FLUX.2 system message, user prompt], padded and
+truncated to 512 tokens; the hidden states after decoder layers 10, 20 and 30 are concatenated per token into
+(B, 512, 3 * hidden). This matches diffusers' `Flux2Pipeline._get_mistral_3_small_prompt_embeds`.
+
+Only the tokenizer of the checkpoint's `tokenizer/` folder (a PixtralProcessor folder) is loaded, never the processor:
+the processor pulls in torchvision for images that FLUX.2 text-to-image never gives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from fluxframe.errors import CheckpointError
+
+SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Config fields that say how a model was loaded or run, not what it computes; they must not change the identity.
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "architectures",
+}
+
+
+class MistralPromptEncoder:
+    """Turns prompts into FLUX.2 dev text embeddings with a Mistral-3 model and its tokenizer."""
+
+    hidden_layers = (10, 20, 30)
+    max_length = 512
+
+    def __init__(self, model, tokenizer, *, max_length: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._text_config = model.config.get_text_config()
+        source = getattr(model, "name_or_path", "") or ""
+        _check_layers(self._text_config, str(Path(source) / "config.json") if source else None)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise CheckpointError("the tokenizer has no chat template")
+        if tokenizer.pad_token_id is None:
+            raise CheckpointError("the tokenizer has no pad token, so prompts cannot be padded to a fixed length")
+        # The base model returns the same hidden states as the full model without computing B x L x vocab logits.
+        self._backbone = getattr(model, "model", model)
+
+    @classmethod
+    def from_pretrained(
+        cls, text_encoder_dir: Path, tokenizer_dir: Path, *, dtype: torch.dtype, device: torch.device
+    ) -> MistralPromptEncoder:
+        from safetensors import SafetensorError
+        from transformers import AutoConfig, Mistral3ForConditionalGeneration
+
+        text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
+        config_file = text_encoder_dir / "config.json"
+        if not text_encoder_dir.is_dir():
+            raise CheckpointError("the text encoder folder does not exist", file=str(text_encoder_dir))
+        if not config_file.is_file():
+            raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
+        _require_safetensors(text_encoder_dir)
+        try:
+            config = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"unreadable text encoder config: {exc}", file=str(config_file)) from exc
+        if config.model_type != "mistral3":
+            raise CheckpointError(
+                f"expected a Mistral-3 text encoder (model_type 'mistral3'), got {config.model_type!r}",
+                file=str(config_file),
+                key="model_type",
+            )
+        # Checked before loading so that a wrong checkpoint fails in milliseconds, not after reading 48 GB.
+        _check_layers(config.get_text_config(), str(config_file))
+        tokenizer = _load_tokenizer(tokenizer_dir)
+        device = torch.device(device)
+        try:
+            model = Mistral3ForConditionalGeneration.from_pretrained(
+                text_encoder_dir,
+                config=config,
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                # Straight onto the device: staging 48 GB of bf16 weights in host memory first is slow and may not fit.
+                device_map=device,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot load the text encoder weights: {exc}", file=str(text_encoder_dir)) from exc
+        model.eval()
+        return cls(model, tokenizer)
+
+    @property
+    def embed_dim(self) -> int:
+        return len(self.hidden_layers) * self._text_config.hidden_size
+
+    @property
+    def identity(self) -> dict:
+        config = {
+            k: v
+            for k, v in self._text_config.to_dict().items()
+            if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+        }
+        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+        return {
+            "class": type(self.model).__name__,
+            "hidden_size": self._text_config.hidden_size,
+            "num_hidden_layers": self._text_config.num_hidden_layers,
+            "layers": list(self.hidden_layers),
+            "config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length, embed_dim) embeddings, in the model's dtype and on its device."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        conversations = [
+            [
+                {"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+                # "[IMG]" would be read as an image placeholder with no image behind it.
+                {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+            ]
+            for prompt in prompts
+        ]
+        batch = self.tokenizer.apply_chat_template(
+            conversations,
+            add_generation_prompt=False,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+        )
+        device = self.device
+        output = self._backbone(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
+        b, n, length, d = taps.shape
+        return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
+
+    def to(self, device) -> MistralPromptEncoder:
+        self.model.to(device)
+        return self
+
+
+def _check_layers(text_config, config_file: str | None) -> None:
+    needed = max(MistralPromptEncoder.hidden_layers)
+    if text_config.num_hidden_layers < needed:
+        raise CheckpointError(
+            f"the text encoder has {text_config.num_hidden_layers} hidden layers; FLUX.2 taps layers "
+            f"{list(MistralPromptEncoder.hidden_layers)}, so it needs at least {needed}",
+            file=config_file,
+            key="num_hidden_layers",
+        )
+
+
+def _require_safetensors(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(
+            f"only pickled weights ({', '.join(pickled)}); fluxframe loads safetensors only, since unpickling "
+            "can run arbitrary code. Convert the checkpoint to .safetensors",
+            file=str(folder),
+        )
+    raise CheckpointError("no .safetensors weights in the text encoder folder", file=str(folder))
+
+
+def _load_tokenizer(folder: Path):
+    """The fast tokenizer of `folder`, with the chat template the PixtralProcessor of that folder would use."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not folder.is_dir():
+        raise CheckpointError("the tokenizer folder does not exist", file=str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - AutoTokenizer may want a model config or a class this folder lacks
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot load the tokenizer: {exc}", file=str(folder)) from exc
+
+    # Same order as the processor diffusers uses: chat_template.json, then chat_template.jinja (which the tokenizer
+    # has already read over tokenizer_config.json's template), then the tokenizer's own.
+    template = None
+    json_file = folder / "chat_template.json"
+    if json_file.is_file():
+        try:
+            template = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"unreadable chat template: {exc}", file=str(json_file)) from exc
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str) or not template.strip():
+        raise CheckpointError(
+            "no chat template: none in tokenizer_config.json, chat_template.jinja or chat_template.json",
+            file=str(folder),
+        )
+    tokenizer.chat_template = template
+    if tokenizer.pad_token_id is None:
+        raise CheckpointError("the tokenizer has no pad token", file=str(folder))
+    return tokenizer

@@ -1,0 +1,159 @@
+"""Tiny random stand-ins for the FLUX.2 dev text encoder and its tokenizer.
+
+The built-in `tiny` demo preset and the tests use these instead of the 24B Mistral Small 3.x checkpoint:
+they have the real file layout (a transformers `Mistral3ForConditionalGeneration` folder with safetensors,
+and a fast tokenizer folder with a Mistral-like chat template), so the real loading code is exercised,
+but they build offline in about a second and produce meaningless embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+)
+
+# Mistral-like: content is either a string or a list of {"type": "text"} parts, as FLUX.2 sends it.
+CHAT_TEMPLATE = (
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}[SYSTEM_PROMPT]{{ text(message['content']) }}[/SYSTEM_PROMPT]"
+    "{%- elif message['role'] == 'user' -%}[INST]{{ text(message['content']) }}[/INST]"
+    "{%- elif message['role'] == 'assistant' -%}{{ text(message['content']) }}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+_CORPUS = """\
+You are an AI that reasons about image descriptions and object relationships without speculation.
+A red circle sits beside a blue square on a white table.
+The green triangle floats above a yellow hexagon under soft morning light.
+An orange cube rests on a purple cylinder in a quiet photography studio.
+A small grey cat sleeps near a window while rain falls over the city.
+Snowy mountains rise behind a frozen lake at dawn, pink clouds drifting overhead.
+A lighthouse stands on rocky cliffs as stormy waves crash far below.
+Two wooden chairs face a crackling fireplace inside a cozy cabin.
+A ceramic bowl of ripe strawberries glistens on a polished marble countertop.
+Neon signs reflect on wet pavement in a crowded night market.
+A golden retriever runs across a meadow full of wildflowers and tall grass.
+An astronaut walks slowly across the dusty surface of the moon.
+A steaming cup of coffee sits next to an open leather notebook and a fountain pen.
+Brass gears and copper pipes fill the workshop of an old clockmaker.
+A silver bicycle leans against a brick wall covered with ivy.
+Turquoise water laps at a sandy beach lined with coconut palms.
+A medieval castle with crimson banners towers over a misty valley.
+Glass bottles of every colour catch the sunset on a kitchen shelf.
+A child in a bright raincoat jumps into a muddy puddle.
+Autumn leaves swirl around a stone fountain in an empty park.
+A vintage typewriter, a stack of letters and a candle share a dark desk.
+Paper lanterns glow above a narrow street lined with tea houses.
+A black and white photograph of a jazz trio playing in a smoky club.
+Thick fog rolls between the towers of a suspension bridge.
+A hummingbird hovers beside a magenta hibiscus blossom.
+Chess pieces carved from jade stand on a checkered board of ebony and ivory.
+A watercolour painting of sailboats drifting on a calm harbour at noon.
+A futuristic train glides silently through a desert of orange dunes.
+Frost patterns spread across a windowpane on a winter morning.
+A bakery display holds croissants, baguettes and cinnamon rolls dusted with sugar.
+Lightning splits a violet sky above a lonely farmhouse.
+A koi pond shimmers beneath a wooden footbridge in a Japanese garden.
+An isometric illustration of a tiny island with a windmill and three sheep.
+A robot with round eyes waters potted cacti on a sunny balcony.
+Macro shot: dewdrops cling to a spider web strung between blades of grass.
+Text on the poster reads "OPEN LATE" in bold yellow letters.
+A pyramid of oranges, lemons and limes balanced on a market stall.
+Close-up portrait of an elderly fisherman with a weathered face and knitted cap.
+Low-poly render of a fox curled up inside a hollow log.
+Sunlight streams through stained glass, scattering emerald and sapphire patches on the floor.
+"""
+
+
+def build_tiny_tokenizer(out_dir: Path) -> None:
+    """Train a ~1000-token byte-level BPE offline and save it as a fast tokenizer folder with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=list(SPECIAL_TOKENS[4:]),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_mistral3(
+    out_dir: Path, *, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 30
+) -> None:
+    """Save a randomly initialised tiny `Mistral3ForConditionalGeneration` (safetensors) to `out_dir`."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    heads = 2
+    text_config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        tie_word_embeddings=False,
+    )
+    # The vision tower is never run for text prompts; it only has to exist so the folder is a real Mistral-3.
+    vision_config = PixtralVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        image_size=64,
+        patch_size=16,
+    )
+    config = Mistral3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=SPECIAL_TOKENS.index("[IMG]"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
