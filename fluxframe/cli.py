@@ -7,6 +7,7 @@ Anything else escaping is a bug, and is reported as one.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_sub.add_parser("check", help="validate a config without loading weights")
     check.add_argument("file", type=Path)
+
+    for module in COMMAND_MODULES:  # the safety and provenance layers bring their own commands
+        COMMANDS.update(importlib.import_module(module).add_commands(sub))
     return parser
 
 
@@ -123,6 +127,8 @@ def cmd_config_check(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "config": cmd_config_check}
+# Each module has add_commands(subparsers) -> {command name: function(args) -> exit code}.
+COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

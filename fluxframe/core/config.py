@@ -75,12 +75,59 @@ class MemorySection(_Section):
     strategy: str = "none"
 
 
+class FilterSettings(BaseModel):
+    """[safety.filters.NAME]: the policy keys below; every other key is an option of the filter itself,
+    passed to its factory, which names any it does not know."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    action: Literal["block", "blur", "flag"] = "block"
+    timeout: float = Field(10.0, gt=0, le=600)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SafetySection(_Section):
+    require: list[str] = []
+    filters: dict[str, FilterSettings] = {}
+    audit_log: str | None = None
+
+    def enabled(self) -> dict[str, FilterSettings]:
+        """Configured filters plus required ones (requiring a filter enables it with its defaults)."""
+        out = dict(self.filters)
+        for name in self.require:
+            out.setdefault(name, FilterSettings())
+        return out
+
+
+class WatermarkSettings(_Section):
+    method: str = "dwtDct"
+    message: str | None = None  # bits as a string of 0/1; default: fluxframe's own message
+
+
+class C2PASettings(_Section):
+    certificate: str  # PEM chain: signing certificate first, then intermediates/root
+    private_key: str
+    algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = "es256"
+    passphrase_env: str | None = None  # name of the environment variable holding the key's passphrase
+    timestamp_url: str | None = None
+    claim_generator: str | None = None
+
+
+class ProvenanceSection(_Section):
+    watermark: WatermarkSettings | None = None
+    c2pa: C2PASettings | None = None
+
+
 class Config(_Section):
     model: ModelSection
     sampler: SamplerSection = SamplerSection()
     output: OutputSection = OutputSection()
     plugins: PluginsSection = PluginsSection()
     memory: MemorySection = MemorySection()
+    safety: SafetySection | None = None
+    provenance: ProvenanceSection | None = None
     # Where the file was read from; relative paths resolve against its folder.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field("<config>", exclude=True)
