@@ -54,3 +54,29 @@ class RequestError(FluxframeError):
 
 class OutputError(FluxframeError):
     """An output could not be written."""
+
+
+class SafetyError(FluxframeError):
+    """The safety layer cannot run as configured (a required filter is missing or fails to load)."""
+
+    def __init__(self, message: str, *, filter: str | None = None):
+        self.filter = filter
+        super().__init__(f"filter {filter!r}: {message}" if filter else message)
+
+
+class Blocked(FluxframeError):
+    """A request was blocked by the safety policy; no image was written.
+
+    ``decision`` holds the verdicts; ``audit`` the audit record written for it (if a log is configured).
+    """
+
+    def __init__(self, message: str, *, decision=None, audit: dict | None = None):
+        self.decision = decision
+        self.audit = audit
+        super().__init__(message)
+
+
+class ProvenanceError(FluxframeError):
+    """Watermarking or signing cannot be done as configured (key, certificate, passphrase, signing failure).
+
+    When signing is configured, this error means no output was written."""
