@@ -1,6 +1,7 @@
 """The ``fluxframe`` command: a thin layer over the Python API (fluxframe.api).
 
-Exit codes: 0 success, 1 a fluxframe error (bad config, checkpoint, request), 2 bad usage.
+Exit codes: 0 success, 1 a fluxframe error (bad config, checkpoint, request), 2 bad usage,
+3 blocked by the safety policy (no image written).
 Anything else escaping is a bug, and is reported as one.
 """
 
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from fluxframe import __version__
-from fluxframe.errors import FluxframeError
+from fluxframe.errors import Blocked, FluxframeError
 
 
 def _positive(name: str, kind=int, minimum=1):
@@ -86,12 +87,21 @@ def cmd_generate(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    for verdict in result.verdicts:
+        print(format_verdict(verdict), file=sys.stderr)
     for note in result.notes:
         print(note, file=sys.stderr)
     print(f"seed {result.seed}, {result.steps} steps, guidance {result.guidance}, "
           f"{result.width}x{result.height}, {result.timings['total']:.1f} s", file=sys.stderr)
     print(result.path)
     return 0
+
+
+def format_verdict(v) -> str:
+    scores = ", ".join(f"{k} {s:.2f}" for k, s in sorted(v.scores.items(), key=lambda kv: -kv[1])[:3])
+    state = "allowed" if v.allowed else f"VIOLATION ({v.action})"
+    return f"filter {v.filter} {v.version} on {v.target}: {state}" + (f" [{scores}]" if scores else "") + \
+        (f" - {v.reason}" if v.reason else "")
 
 
 def cmd_plugins(args) -> int:
@@ -141,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return COMMANDS[args.command](args)
+    except Blocked as exc:
+        if exc.decision is not None:
+            for verdict in exc.decision.verdicts:
+                print(format_verdict(verdict), file=sys.stderr)
+        print(f"fluxframe: blocked: {exc}", file=sys.stderr)
+        return 3
     except FluxframeError as exc:
         print(f"fluxframe: error: {exc}", file=sys.stderr)
         return 1

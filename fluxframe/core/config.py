@@ -101,6 +101,17 @@ class SafetySection(_Section):
         return out
 
 
+class ConditionerSettings(BaseModel):
+    """[[conditioners]]: `name` picks the plugin; every other key is an option of the conditioner."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class WatermarkSettings(_Section):
     method: str = "dwtDct"
     message: str | None = None  # bits as a string of 0/1; default: fluxframe's own message
@@ -126,6 +137,7 @@ class Config(_Section):
     output: OutputSection = OutputSection()
     plugins: PluginsSection = PluginsSection()
     memory: MemorySection = MemorySection()
+    conditioners: list[ConditionerSettings] = []
     safety: SafetySection | None = None
     provenance: ProvenanceSection | None = None
     # Where the file was read from; relative paths resolve against its folder.

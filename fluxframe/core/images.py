@@ -15,6 +15,9 @@ from fluxframe.errors import OutputError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# Generated images are kept at full quality: JPEG at 95 with full-resolution chroma (4:4:4) and
+# lossless WebP. Pillow's defaults (JPEG 75 at 4:2:0, lossy WebP) also erase the pixel watermark.
+SAVE_OPTIONS = {"png": {}, "jpeg": {"quality": 95, "subsampling": 0}, "webp": {"lossless": True}}
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -44,7 +47,7 @@ def write_atomic(image: Image.Image, path: Path, fmt: str, finish: Callable[[Pat
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=PIL_FORMATS[fmt])
+            image.save(fh, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
         if finish is not None:
             finish(tmp)
         os.replace(tmp, path)

@@ -107,10 +107,12 @@ class Conditioner(ABC):
     def prepare(
         self, model: ModelFamily, request: GenerationRequest, inputs: dict[str, Any], conditioning: Conditioning
     ) -> None:
-        """Add to ``conditioning`` from this conditioner's per-request ``inputs``."""
+        """Add to ``conditioning`` from this request's ``inputs`` (``{}`` when the request gave none:
+        then use the configured options, or do nothing)."""
 
     def input_images(self, inputs: dict[str, Any]) -> list[Any]:
-        """The images among the inputs, so input filters can check them."""
+        """Every image this conditioner will feed the model for these inputs (PIL images), so the
+        input filters check exactly what the model sees."""
         return []
 
 

@@ -3,12 +3,18 @@
 request → validate → input filters → text encoding → conditioners → sampler loop → decode →
 output filters → postprocessors (watermark, then metadata/signing) → atomic write → audit record.
 
-A block at any filter writes no image. The runner knows only the core interfaces; the model
-family, sampler, conditioners, filters and postprocessors come from plugins by name.
+A block at any filter writes no image and records why. The audit line is appended and flushed
+before the image is renamed into place, so no image is ever released without its record. The
+runner knows only the core interfaces; the model family, sampler, conditioners, filters and
+postprocessors come from plugins by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -17,13 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxframe import __version__
 from fluxframe.core.config import Config
-from fluxframe.core.interfaces import Conditioner, Filter, ModelFamily, OutputContext, Postprocessor, Sampler
+from fluxframe.core.interfaces import Conditioner, ModelFamily, OutputContext, Postprocessor, Sampler
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, StepInfo
-from fluxframe.errors import PluginError, RequestError
+from fluxframe.errors import Blocked, ConfigError, ProvenanceError, RequestError, SafetyError
 
 log = logging.getLogger("fluxframe")
+
+NO_SAFETY = "no [safety] section: no filter checks prompts, inputs or outputs of this deployment"
+NO_PROVENANCE = "no [provenance] section: outputs are neither watermarked nor signed"
 
 
 @dataclass
@@ -32,17 +42,105 @@ class Stages:
 
     model: ModelFamily
     sampler: Sampler
+    policy: Any  # fluxframe.safety.policy.SafetyPolicy
     conditioners: dict[str, Conditioner] = field(default_factory=dict)
-    filters: list[Filter] = field(default_factory=list)
     postprocessors: list[Postprocessor] = field(default_factory=list)
+    audit: Any = None  # fluxframe.safety.audit.AuditLog, when [safety] audit_log is set
 
 
 def config_warnings(config: Config, host: PluginHost) -> list[str]:
-    """Check the config against the installed plugins without loading weights."""
+    """Check the config against the installed plugins without loading weights.
+
+    Raises for what cannot work (an unknown family, a required filter that is not installed);
+    returns warnings for what works but should be said, every time.
+    """
     family = host.get("model_family", config.model.family).factory
     host.get("sampler", config.sampler.name)
     host.get("memory_strategy", config.memory.strategy)
-    return list(family.check(config))
+    build_conditioners(config, host)
+    warnings = list(family.check(config))
+    if config.safety is None:
+        warnings.append(NO_SAFETY)
+    else:
+        from fluxframe.safety.policy import SafetyPolicy
+
+        SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)  # a missing required filter stops here
+        if config.safety.audit_log is None:
+            warnings.append("[safety] has no audit_log: verdicts are not recorded")
+    if config.provenance is None:
+        warnings.append(NO_PROVENANCE)
+    else:
+        build_postprocessors(config, host)
+    return warnings
+
+
+def build_postprocessors(config: Config, host: PluginHost) -> list[Postprocessor]:
+    """The configured provenance steps; a configured step whose plugin is absent stops start-up."""
+    prov = config.provenance
+    posts: list[Postprocessor] = []
+    if prov is None:
+        return posts
+    if prov.watermark is not None:
+        wm = prov.watermark
+        posts.append(host.get("postprocessor", "watermark").factory(method=wm.method, message=wm.message))
+    if prov.c2pa is not None:
+        c = prov.c2pa
+        posts.append(host.get("postprocessor", "c2pa").factory(
+            certificate=config.resolve(c.certificate), private_key=config.resolve(c.private_key),
+            algorithm=c.algorithm, passphrase_env=c.passphrase_env, timestamp_url=c.timestamp_url,
+            claim_generator=c.claim_generator,
+        ))
+    return sorted(posts, key=lambda p: p.order)
+
+
+def instantiate(factory: Any, options: dict[str, Any], *, key: str, source: str) -> Any:
+    """Call a plugin factory with its config options; a bad option is a ConfigError naming the key."""
+    try:
+        return factory(**options)
+    except (ConfigError, SafetyError, ProvenanceError):
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc), path=source, key=key) from None
+
+
+def build_conditioner(config: Config, host: PluginHost, name: str, family: str, options: dict[str, Any],
+                      key: str) -> Conditioner:
+    conditioner = instantiate(host.get("conditioner", name).factory, options, key=key, source=config.source)
+    if conditioner.families and family not in conditioner.families:
+        raise ConfigError(
+            f"conditioner {name!r} works with model families {', '.join(conditioner.families)}, "
+            f"not with {family!r}", path=config.source, key=key,
+        )
+    return conditioner
+
+
+def build_conditioners(config: Config, host: PluginHost) -> dict[str, Conditioner]:
+    out: dict[str, Conditioner] = {}
+    for i, settings in enumerate(config.conditioners):
+        if settings.name in out:
+            raise ConfigError(f"conditioner {settings.name!r} is listed twice", path=config.source,
+                              key=f"conditioners.{i}.name")
+        out[settings.name] = build_conditioner(config, host, settings.name, config.model.family, settings.options,
+                                               key=f"conditioners.{i}")
+    return out
+
+
+def _sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _image_hash(image: Any) -> str:
+    """A hash of the pixels (mode, size and bytes), independent of how the file was encoded."""
+    return _sha256(f"{image.mode}:{image.size}:".encode() + image.tobytes())
+
+
+def _note(name: str, record: Any) -> str:
+    """One line per postprocessor record; records with an "applied" flag say what happened and why."""
+    if isinstance(record, dict) and "applied" in record:
+        if record["applied"]:
+            return f"{name}: applied" + (f" ({record['method']})" if record.get("method") else "")
+        return f"{name}: NOT applied: {record.get('reason') or 'no reason given'}"
+    return f"{name}: {record}"
 
 
 class Pipeline:
@@ -52,26 +150,38 @@ class Pipeline:
         self.config = config
         self.stages = stages
         self.host = host
+        self.config_hash = _sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True))
 
     @classmethod
     def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
+        from fluxframe.safety.audit import AuditLog
+        from fluxframe.safety.policy import SafetyPolicy
+
         if host is None:
             host = PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
         for warning in config_warnings(config, host):
             log.warning(warning)
+        # Safety and provenance first: a deployment that cannot filter or sign must not load weights.
+        policy = SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
+        postprocessors = build_postprocessors(config, host)
+        audit = None
+        if config.safety is not None and config.safety.audit_log is not None:
+            audit = AuditLog(config.resolve(config.safety.audit_log))
         memory = host.get("memory_strategy", config.memory.strategy).factory()
-        family = host.get("model_family", config.model.family).factory
-        model = family.load(config, memory)
+        model = host.get("model_family", config.model.family).factory.load(config, memory)
         sampler = host.get("sampler", config.sampler.name).factory()
-        return cls(config, Stages(model=model, sampler=sampler), host)
+        stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
+                        conditioners=build_conditioners(config, host))
+        return cls(config, stages, host)
 
     # -- the run ------------------------------------------------------------------------------
 
     def _settings(self, request: GenerationRequest) -> dict[str, Any]:
         s = self.config.sampler
         limits = self.stages.model.limits
+        seed = request.seed if request.seed is not None else s.seed
         settings = {
-            "seed": request.seed if request.seed is not None else (s.seed if s.seed is not None else secrets.randbelow(2**32)),
+            "seed": seed if seed is not None else secrets.randbelow(2**32),
             "steps": request.steps if request.steps is not None else s.steps,
             "guidance": request.guidance if request.guidance is not None else s.guidance,
             "width": request.width if request.width is not None else s.width,
@@ -91,17 +201,49 @@ class Pipeline:
                 raise RequestError(f"must be between {limits.min_size} and {limits.max_size}, got {value}", field=key)
             if value % limits.pixel_multiple:
                 raise RequestError(f"must be a multiple of {limits.pixel_multiple}, got {value}", field=key)
-        unknown = set(request.conditioning) - set(self.stages.conditioners)
-        if unknown:
-            raise PluginError(f"request uses conditioner(s) not configured: {', '.join(sorted(unknown))}",
-                              plugin=sorted(unknown)[0])
+        for name in request.conditioning:
+            if name not in self.stages.conditioners:  # asked for per request: enable it with its defaults
+                self.stages.conditioners[name] = build_conditioner(
+                    self.config, self.host, name, self.stages.model.name, {}, key=f"request.conditioning.{name}")
         return settings
 
     def output_path(self, request: GenerationRequest) -> Path:
         if request.output is not None:
             return Path(request.output)
+        fmt = self.config.output.format
         name = self.config.output.name.format(request_id=request.request_id)
-        return self.config.output_dir / f"{name}.{ 'jpg' if self.config.output.format == 'jpeg' else self.config.output.format}"
+        return self.config.output_dir / f"{name}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+    def _input_images(self, request: GenerationRequest) -> list[tuple[str, Any]]:
+        images = []
+        for name, conditioner in self.stages.conditioners.items():
+            for i, image in enumerate(conditioner.input_images(request.conditioning.get(name, {}))):
+                images.append((f"{name}[{i}]", image))
+        return images
+
+    def _audit(self, request, settings, inputs, verdicts, action, reasons, output=None) -> dict | None:
+        record = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "request_id": request.request_id,
+            "fluxframe": __version__,
+            "prompt_sha256": _sha256(request.prompt) if request.prompt is not None else None,
+            "negative_prompt_sha256": _sha256(request.negative_prompt) if request.negative_prompt else None,
+            "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in inputs],
+            "config_sha256": self.config_hash,
+            "checkpoint": self.stages.model.checkpoint_id,
+            "settings": settings,
+            "verdicts": [dataclasses.asdict(v) for v in verdicts],
+            "action": action,
+            "reasons": reasons,
+            "output": output,
+        }
+        if self.stages.audit is None:
+            return record
+        return self.stages.audit.append(record)
+
+    def _block(self, request, settings, inputs, verdicts, decision) -> Blocked:
+        record = self._audit(request, settings, inputs, verdicts, "block", decision.reasons)
+        return Blocked("request blocked: " + "; ".join(decision.reasons), decision=decision, audit=record)
 
     def generate(self, request: GenerationRequest, *, progress: Callable[[StepInfo], None] | None = None,
                  write: bool = True) -> GenerationResult:
@@ -111,8 +253,20 @@ class Pipeline:
 
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        model, stages = self.stages.model, self.stages
+        model, stages, policy = self.stages.model, self.stages, self.stages.policy
         settings = self._settings(request)
+        verdicts: list[Any] = []
+
+        t0 = time.perf_counter()
+        decision = policy.check_prompts({"prompt": request.prompt, "negative_prompt": request.negative_prompt})
+        verdicts += decision.verdicts
+        inputs = self._input_images(request)
+        if decision.allowed and inputs:
+            decision = policy.check_input_images(inputs)
+            verdicts += decision.verdicts
+        timings["input_filters"] = time.perf_counter() - t0
+        if not decision.allowed:
+            raise self._block(request, settings, inputs, verdicts, decision)
 
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -120,8 +274,8 @@ class Pipeline:
             timings["text_encoding"] = time.perf_counter() - t0
 
             conditioning = Conditioning()
-            for name, inputs in request.conditioning.items():
-                stages.conditioners[name].prepare(model, request, inputs, conditioning)
+            for name, conditioner in stages.conditioners.items():
+                conditioner.prepare(model, request, request.conditioning.get(name, {}), conditioning)
 
             latents = model.initial_noise(settings["seed"], settings["width"], settings["height"])
             sigmas = model.sigmas(settings["steps"], latents.tokens.shape[1])
@@ -139,23 +293,41 @@ class Pipeline:
             image = to_pil(model.decode(latents))[0]
             timings["decoding"] = time.perf_counter() - t0
 
-        context = OutputContext(request=request, model=model.describe(), config=self.config)
-        for post in sorted(stages.postprocessors, key=lambda p: p.order):
+        t0 = time.perf_counter()
+        decision = policy.check_output(image)
+        verdicts += decision.verdicts
+        timings["output_filters"] = time.perf_counter() - t0
+        if not decision.allowed:
+            raise self._block(request, settings, inputs, verdicts, decision)
+        if decision.action == "blur":
+            image = decision.image
+
+        context = OutputContext(request=request, model=model.describe(), config=self.config, verdicts=verdicts)
+        t0 = time.perf_counter()
+        for post in stages.postprocessors:
             image = post.process_image(image, context)
 
         path = None
+        record = None
         if write:
             path = self.output_path(request)
             fmt = format_for(path, self.config.output.format)
 
             def finish(tmp: Path) -> None:
-                for post in sorted(stages.postprocessors, key=lambda p: p.order):
+                nonlocal record
+                for post in stages.postprocessors:
                     post.process_file(tmp, MEDIA_TYPES[fmt], context)
+                output = {"path": str(path.resolve()), "sha256": _sha256(tmp.read_bytes()), "format": fmt}
+                record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
 
             write_atomic(image, path, fmt, finish)
+        else:  # handed to the caller in memory: released all the same, so recorded all the same
+            record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
+        timings["postprocessing"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
 
         return GenerationResult(
             request_id=request.request_id, image=image, path=path, prompt=request.prompt,
-            model_family=model.name, timings=timings, latents=latents.tokens, **settings,
+            model_family=model.name, timings=timings, latents=latents.tokens, verdicts=verdicts,
+            notes=[_note(name, rec) for name, rec in context.records.items()], audit=record, **settings,
         )

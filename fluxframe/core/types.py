@@ -49,14 +49,17 @@ class Conditioning:
     """What conditioners add to the model input. The model family decides how to use each part.
 
     extra_tokens: (tokens (B, M, C), ids (M, axes)) appended after the image tokens; the
-        prediction for them is cut away.
-    extra_channels: (B, N, C') concatenated to every image token's channels.
+        prediction for them is cut away (FLUX.2 reference images).
+    channels: named per-token channel groups (B, N, C') the family concatenates to the image
+        tokens in its own fixed order (Flex.2: "inpaint", "mask", "control"); a family fills in
+        its defaults for groups nobody set.
     step_hooks: called as hook(step, num_steps, conditioning) before each step, e.g. to switch
         control channels off after a fraction of the steps.
+    info: what each conditioner did, for the result and the audit record.
     """
 
     extra_tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    extra_channels: list[torch.Tensor] = field(default_factory=list)
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
     step_hooks: list[Any] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -89,3 +92,4 @@ class GenerationResult:
     verdicts: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     latents: Any = None  # the denoised latent tokens (B, N, C), before decoding
+    audit: dict | None = None  # the audit record written for this request
