@@ -87,9 +87,12 @@ def diffusers_flux2_folder(tmp_path_factory, tiny_text_encoder_dirs):
 def host():
     """A plugin host with only the built-ins, registered in code (installed third-party plugins never leak in)."""
     from fluxframe.core.plugins import PluginHost
+    import fluxframe.provenance as provenance
+    import fluxframe.safety as safety
     from fluxframe.plugins import flux2, memory, samplers
 
     h = PluginHost(load_entry_points=False)
-    for name, module in (("flux2", flux2), ("memory", memory), ("samplers", samplers)):
+    for name, module in (("flux2", flux2), ("memory", memory), ("samplers", samplers), ("safety", safety),
+                         ("provenance", provenance)):
         h.add(module, name=name, source="fluxframe (test)", builtin=True)
     return h

@@ -28,7 +28,7 @@ from fluxframe.core.config import Config
 from fluxframe.core.interfaces import Conditioner, ModelFamily, OutputContext, Postprocessor, Sampler
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, StepInfo
-from fluxframe.errors import Blocked, ConfigError, ProvenanceError, RequestError, SafetyError
+from fluxframe.errors import Blocked, ConfigError, FluxframeError, ProvenanceError, RequestError, SafetyError
 
 log = logging.getLogger("fluxframe")
 
@@ -48,12 +48,7 @@ class Stages:
     audit: Any = None  # fluxframe.safety.audit.AuditLog, when [safety] audit_log is set
 
 
-def config_warnings(config: Config, host: PluginHost) -> list[str]:
-    """Check the config against the installed plugins without loading weights.
-
-    Raises for what cannot work (an unknown family, a required filter that is not installed);
-    returns warnings for what works but should be said, every time.
-    """
+def _check_plugins(config: Config, host: PluginHost) -> list[str]:
     family = host.get("model_family", config.model.family).factory
     host.get("sampler", config.sampler.name)
     host.get("memory_strategy", config.memory.strategy)
@@ -61,16 +56,24 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     warnings = list(family.check(config))
     if config.safety is None:
         warnings.append(NO_SAFETY)
-    else:
-        from fluxframe.safety.policy import SafetyPolicy
-
-        SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)  # a missing required filter stops here
-        if config.safety.audit_log is None:
-            warnings.append("[safety] has no audit_log: verdicts are not recorded")
+    elif config.safety.audit_log is None:
+        warnings.append("[safety] has no audit_log: verdicts are not recorded")
     if config.provenance is None:
         warnings.append(NO_PROVENANCE)
-    else:
-        build_postprocessors(config, host)
+    return warnings
+
+
+def config_warnings(config: Config, host: PluginHost) -> list[str]:
+    """Check the config against the installed plugins without loading weights.
+
+    Raises for what cannot work (an unknown family, a required filter that is not installed, a
+    signing key that cannot be used); returns warnings for what works but should be said, every time.
+    """
+    from fluxframe.safety.policy import SafetyPolicy
+
+    warnings = _check_plugins(config, host)
+    SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
+    build_postprocessors(config, host)
     return warnings
 
 
@@ -129,6 +132,14 @@ def _sha256(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _config_hash(config: Config) -> str:
+    return _sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True))
+
+
 def _image_hash(image: Any) -> str:
     """A hash of the pixels (mode, size and bytes), independent of how the file was encoded."""
     return _sha256(f"{image.mode}:{image.size}:".encode() + image.tobytes())
@@ -150,7 +161,7 @@ class Pipeline:
         self.config = config
         self.stages = stages
         self.host = host
-        self.config_hash = _sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True))
+        self.config_hash = _config_hash(config)
 
     @classmethod
     def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
@@ -159,14 +170,20 @@ class Pipeline:
 
         if host is None:
             host = PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
-        for warning in config_warnings(config, host):
-            log.warning(warning)
-        # Safety and provenance first: a deployment that cannot filter or sign must not load weights.
-        policy = SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
-        postprocessors = build_postprocessors(config, host)
         audit = None
         if config.safety is not None and config.safety.audit_log is not None:
             audit = AuditLog(config.resolve(config.safety.audit_log))
+        # Safety and provenance first: a deployment that cannot filter or sign must not load weights.
+        try:
+            for warning in _check_plugins(config, host):
+                log.warning(warning)
+            policy = SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
+        except SafetyError as exc:
+            if audit is not None:  # the refusal is part of the record too
+                audit.append({"time": _now(), "event": "start-refused", "fluxframe": __version__,
+                              "config_sha256": _config_hash(config), "reasons": [str(exc)]})
+            raise
+        postprocessors = build_postprocessors(config, host)
         memory = host.get("memory_strategy", config.memory.strategy).factory()
         model = host.get("model_family", config.model.family).factory.load(config, memory)
         sampler = host.get("sampler", config.sampler.name).factory()
@@ -223,7 +240,8 @@ class Pipeline:
 
     def _audit(self, request, settings, inputs, verdicts, action, reasons, output=None) -> dict | None:
         record = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": _now(),
+            "event": "request",
             "request_id": request.request_id,
             "fluxframe": __version__,
             "prompt_sha256": _sha256(request.prompt) if request.prompt is not None else None,
@@ -258,7 +276,11 @@ class Pipeline:
         verdicts: list[Any] = []
 
         t0 = time.perf_counter()
-        decision = policy.check_prompts({"prompt": request.prompt, "negative_prompt": request.negative_prompt})
+        # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
+        prompts = {"prompt": request.prompt}
+        if request.negative_prompt is not None:
+            prompts["negative_prompt"] = request.negative_prompt
+        decision = policy.check_prompts(prompts)
         verdicts += decision.verdicts
         inputs = self._input_images(request)
         if decision.allowed and inputs:
@@ -320,7 +342,12 @@ class Pipeline:
                 output = {"path": str(path.resolve()), "sha256": _sha256(tmp.read_bytes()), "format": fmt}
                 record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
 
-            write_atomic(image, path, fmt, finish)
+            try:
+                write_atomic(image, path, fmt, finish)
+            except FluxframeError as exc:  # e.g. signing failed: nothing was written, and the log says why
+                if record is None:
+                    self._audit(request, settings, inputs, verdicts, "error", [str(exc)])
+                raise
         else:  # handed to the caller in memory: released all the same, so recorded all the same
             record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
         timings["postprocessing"] = time.perf_counter() - t0
