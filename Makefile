@@ -19,11 +19,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+DEV_CERTS := .fluxframe-dev
+PROMPT := a large red circle on the left, on a blue background
+
 demo: $(STAMP)
-	$(BIN)/fluxframe generate --config configs/demo.toml --prompt "a large red circle on the left, on a blue background"
+	@test -f $(DEV_CERTS)/chain.pem || $(BIN)/fluxframe certs dev --out $(DEV_CERTS)
+	@out=$$($(BIN)/fluxframe generate --config configs/demo.toml --prompt "$(PROMPT)") && \
+	  echo "Wrote $$out (watermarked, signed with the development certificate in $(DEV_CERTS)/)" && \
+	  echo "Check it:  $(BIN)/fluxframe verify $$out --trust $(DEV_CERTS)/ca.pem" && \
+	  echo "Audit log: $(BIN)/fluxframe audit verify outputs/audit.jsonl"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs $(DEV_CERTS)

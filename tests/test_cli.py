@@ -98,3 +98,25 @@ def test_missing_weights_in_a_folder_are_named(tmp_path, capsys):
     assert main(["config", "check", str(config)]) == 1
     err = capsys.readouterr().err
     assert "diffusion_pytorch_model.bin" in err and "pickle" in err.lower()
+
+
+def test_blocked_generate_exits_3_with_the_reason_and_writes_nothing(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(TINY + f'[output]\ndir = "{tmp_path / "out"}"\n[safety]\nrequire = ["prompt-nsfw"]\n'
+                      f'audit_log = "{tmp_path / "audit.jsonl"}"\n')
+    assert main(["generate", "--config", str(config), "--prompt", "a nude woman", "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "fluxframe: blocked:" in err and "prompt-nsfw" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert '"action":"block"' in (tmp_path / "audit.jsonl").read_text().replace(" ", "")
+
+
+def test_generate_warns_when_safety_and_provenance_are_absent(tmp_path, capsys, caplog):
+    config = tmp_path / "c.toml"
+    config.write_text(TINY)
+    assert main(["generate", "--config", str(config), "--prompt", "p", "--no-progress",
+                 "--output", str(tmp_path / "a.png")]) == 0
+    assert "no [safety] section" in caplog.text and "no [provenance] section" in caplog.text
+    assert main(["config", "check", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "no [safety] section" in err and "no [provenance] section" in err

@@ -78,23 +78,49 @@ def test_check_names_unknown_family_sampler_and_missing_checkpoint(tmp_path, hos
         api.check_config(api.load_config(write(tmp_path, '[model]\npreset = "huge"\n')), host=host)
 
 
-def example_configs() -> list[str]:
-    """The README's config examples (TOML blocks with a [model] table) and the shipped configs/."""
+def example_configs() -> list[tuple[str, str]]:
+    """(name, text): the README's config examples (TOML blocks with a [model] table) and the shipped configs/."""
     blocks = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "[model]" in b]
     assert blocks, "the README shows no config example"
-    return blocks + [p.read_text() for p in sorted((README.parent / "configs").glob("*.toml"))]
+    shipped = [(p.name, p.read_text()) for p in sorted((README.parent / "configs").glob("*.toml"))]
+    return [(f"README block {i}", b) for i, b in enumerate(blocks)] + shipped
+
+
+def provide_files(config, checkpoint):
+    """Put what an example config points at where it points: a checkpoint, dev certificates, filter data."""
+    from fluxframe.provenance.certs import make_dev_certificates
+
+    if config.model.path:
+        target = config.model_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(checkpoint, target_is_directory=True)
+    if config.provenance and config.provenance.c2pa:
+        cert = config.resolve(config.provenance.c2pa.certificate)
+        paths = make_dev_certificates(cert.parent)
+        assert paths["chain"] == cert and paths["key"] == config.resolve(config.provenance.c2pa.private_key)
+    for settings in (config.safety.filters.values() if config.safety else []):
+        for key, value in settings.options.items():
+            path = config.resolve(value) if key.endswith(("_file", "_dir")) else None
+            if path is not None and not path.exists():
+                path.mkdir(parents=True) if key.endswith("_dir") else path.write_text("Example Name\n")
 
 
 def test_readme_and_shipped_configs_pass_config_check(tmp_path, host, diffusers_flux2_folder):
-    """Every config example validates, with a checkpoint where the example points."""
+    """Every config example validates and passes `config check`, given the files it points at."""
     examples = example_configs()
     assert len(examples) >= 2
-    for i, text in enumerate(examples):
-        folder = tmp_path / f"example{i}"
-        folder.mkdir()
+    for i, (name, text) in enumerate(examples):
+        folder = tmp_path / f"example{i}" / "configs"
+        folder.mkdir(parents=True)
         config = api.load_config(write(folder, text))
-        if config.model.path:
-            target = config.model_path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(diffusers_flux2_folder, target_is_directory=True)
-        api.check_config(config, host=host)
+        provide_files(config, diffusers_flux2_folder)
+        try:
+            api.check_config(config, host=host)
+        except Exception as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+
+
+def test_shipped_demo_requires_the_builtin_filters_and_enables_provenance():
+    config = api.load_config(README.parent / "configs" / "demo.toml")
+    assert set(config.safety.require) >= {"prompt-nsfw", "image-nsfw", "ip"} and config.safety.audit_log
+    assert config.provenance.watermark and config.provenance.c2pa

@@ -299,9 +299,7 @@ def test_decision_record_is_json(fhost):
 # -- the built-in filters through the policy --------------------------------------------------------
 
 def test_builtin_filters_through_the_policy(host, tmp_path):
-    import fluxframe.safety
-
-    host.add(fluxframe.safety, name="safety", builtin=True)
+    """`host` (conftest) holds the built-in plugins, the safety filters among them."""
     (tmp_path / "names.txt").write_text("Mickey Mouse\n")
     config = parse_config({
         "model": {"preset": "tiny"},

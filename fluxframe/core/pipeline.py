@@ -146,7 +146,10 @@ def _image_hash(image: Any) -> str:
 
 
 def _note(name: str, record: Any) -> str:
-    """One line per postprocessor record; records with an "applied" flag say what happened and why."""
+    """One line per postprocessor record: its "summary" if it has one; records with an "applied" flag
+    say what happened and why."""
+    if isinstance(record, dict) and record.get("summary"):
+        return f"{name}: {record['summary']}"
     if isinstance(record, dict) and "applied" in record:
         if record["applied"]:
             return f"{name}: applied" + (f" ({record['method']})" if record.get("method") else "")

@@ -377,6 +377,7 @@ class C2PASigner(Postprocessor):
         except BaseException:
             signed.unlink(missing_ok=True)
             raise
-        context.records["c2pa"] = {"signed": True, "algorithm": self.algorithm,
+        context.records["c2pa"] = {"signed": True, "summary": f"signed ({self.algorithm}, {self.certificate.name})",
+                                   "algorithm": self.algorithm,
                                    "certificate": str(self.certificate),
                                    "timestamp_authority": self.timestamp_url}
