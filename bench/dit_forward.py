@@ -93,14 +93,14 @@ def main() -> int:
     img = torch.randn(1, args.image_tokens, config.in_channels).to(dtype)
     txt = torch.randn(1, args.text_tokens, config.joint_attention_dim).to(dtype)
     img_ids, txt_ids = image_ids(side, side), text_ids(args.text_tokens)
-    t, g = torch.tensor([0.7]), torch.tensor([4.0])  # guidance as diffusers' pipeline passes it: the scale
+    t, g = torch.tensor([0.7], dtype=dtype), torch.tensor([4.0], dtype=dtype)  # sigma; guidance scale as is
 
     def run_ours():
-        return ours(img, img_ids, txt, txt_ids, t.to(dtype), g.to(dtype))
+        return ours(img, img_ids, txt, txt_ids, t, g)
 
     def run_theirs():
-        return ref(hidden_states=img, encoder_hidden_states=txt, timestep=t.to(dtype), img_ids=img_ids,
-                   txt_ids=txt_ids, guidance=g.to(dtype), return_dict=False)[0]
+        return ref(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                   guidance=g, return_dict=False)[0]
 
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
@@ -114,12 +114,11 @@ def main() -> int:
         rel_err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         for _ in range(args.warmup - 1):
             run_ours(), run_theirs()
-        times_ours, times_theirs = [], []
-        for r in range(args.rounds):
-            if r % 2 == 0:
-                times_ours.append(timed(run_ours)), times_theirs.append(timed(run_theirs))
-            else:
-                times_theirs.append(timed(run_theirs)), times_ours.append(timed(run_ours))
+        times = {run_ours: [], run_theirs: []}
+        for r in range(args.rounds):  # ours first on even rounds, diffusers first on odd ones
+            for fn in (run_ours, run_theirs) if r % 2 == 0 else (run_theirs, run_ours):
+                times[fn].append(timed(fn))
+        times_ours, times_theirs = times[run_ours], times[run_theirs]
 
     ratios = [o / d for o, d in zip(times_ours, times_theirs)]
     tol = TOLERANCE[dtype]

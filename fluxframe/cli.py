@@ -49,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=_positive("--height", minimum=16))
     gen.add_argument("--output", type=Path, help="output file (default: the config's [output] dir)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--negative-prompt", help="what to steer away from (models with true guidance)")
+    cond = gen.add_argument_group("conditioning (each enables its conditioner for this request)")
+    cond.add_argument("--reference", action="append", type=Path, metavar="IMAGE",
+                      help="a reference image for editing (repeatable, FLUX.2)")
+    cond.add_argument("--inpaint-image", type=Path, metavar="IMAGE", help="the image to inpaint (Flex.2)")
+    cond.add_argument("--mask", type=Path, metavar="IMAGE", help="inpaint mask, white = regenerate (Flex.2)")
+    cond.add_argument("--control", type=Path, metavar="IMAGE", help="a control image (Flex.2)")
+    cond.add_argument("--control-kind", help="how to read --control: a ready map, or a preprocessor (e.g. line)")
+    cond.add_argument("--control-strength", type=_positive("--control-strength", float, 0.0))
+    cond.add_argument("--control-stop", type=_positive("--control-stop", float, 0.0),
+                      help="fraction of the steps after which control is switched off (0-1)")
 
     sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide") \
         .add_argument("--json", action="store_true")
@@ -61,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:  # the safety and provenance layers bring their own commands
         COMMANDS.update(importlib.import_module(module).add_commands(sub))
     return parser
+
+
+def request_conditioning(args) -> dict:
+    """The per-request conditioner inputs the flags ask for, by conditioner name."""
+    out: dict[str, dict] = {}
+    if args.reference:
+        out["reference"] = {"images": list(args.reference)}
+    if args.inpaint_image or args.mask:
+        out["inpaint"] = {k: v for k, v in (("image", args.inpaint_image), ("mask", args.mask)) if v is not None}
+    control = {k: v for k, v in (("image", args.control), ("kind", args.control_kind),
+                                 ("strength", args.control_strength), ("stop", args.control_stop)) if v is not None}
+    if control:
+        out["control"] = control
+    return out
 
 
 def cmd_generate(args) -> int:
@@ -80,8 +105,9 @@ def cmd_generate(args) -> int:
 
     try:
         result = pipeline.generate(
-            api.GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                  width=args.width, height=args.height, output=args.output),
+            api.GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                  steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+                                  output=args.output, conditioning=request_conditioning(args)),
             progress=progress,
         )
     finally:

@@ -187,3 +187,58 @@ def test_output_violation_blurs_or_flags(tmp_path, host, action):
         assert written.tobytes() == clean.tobytes()
     else:
         assert result.image.info.get("fluxframe:safety") == "blurred"
+
+
+class PassThroughReference:
+    """A conditioner that only hands its input images to the policy (what the model would see)."""
+
+    families = ()
+
+    def __init__(self, **options):
+        pass
+
+    def input_images(self, inputs):
+        return [Image.open(p).convert("RGB") for p in inputs.get("images", [])]
+
+    def prepare(self, model, request, inputs, conditioning):
+        conditioning.info["seen"] = len(inputs.get("images", []))
+
+
+class BlockBlue(Filter):
+    name = "block-blue"
+    targets = frozenset({"input_image"})
+
+    def __init__(self, **options):
+        pass
+
+    def check_image(self, image, target):
+        r, g, b = image.convert("RGB").getpixel((0, 0))
+        return Verdict(filter=self.name, version="1", allowed=b < 200, target=target, scores={"blue": b / 255},
+                       reason="blue input" if b >= 200 else "")
+
+
+def test_every_input_image_is_checked_and_hashed_in_the_audit(tmp_path, host):
+    class Plugin:
+        @hookimpl
+        def register_conditioners(self, register):
+            register("passthrough", PassThroughReference)
+
+        @hookimpl
+        def register_filters(self, register):
+            register("block-blue", BlockBlue)
+
+    host.add(Plugin(), name="input-plugin")
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(red)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(blue)
+    pipeline = api.load(config(tmp_path, {"require": ["block-blue"]}), host=host)
+
+    ok = pipeline.generate(api.GenerationRequest(prompt="x", seed=1, conditioning={"passthrough": {"images": [red]}}))
+    assert ok.path.exists()
+    with pytest.raises(Blocked, match=r"block-blue.*passthrough\[1\]|passthrough\[1\].*block-blue"):
+        pipeline.generate(api.GenerationRequest(prompt="x", seed=1,
+                                                conditioning={"passthrough": {"images": [red, blue]}}))
+    allowed, blocked = audit_lines(tmp_path)
+    assert [i["role"] for i in blocked["inputs"]] == ["passthrough[0]", "passthrough[1]"]
+    assert blocked["inputs"][0]["sha256"] == allowed["inputs"][0]["sha256"]
+    assert blocked["action"] == "block" and blocked["output"] is None
