@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--single", type=int, default=8, help="single-stream blocks")
     p.add_argument("--hidden", type=int, default=512, help="hidden size (heads x head dim)")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--image-tokens", type=int, default=1024, help="a square number: the latent grid is its root squared")
+    p.add_argument("--image-tokens", type=int, default=1024, help="a square number (square latent grid)")
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--text-dim", type=int, default=1536, help="joint_attention_dim")
     p.add_argument("--rounds", type=int, default=10)

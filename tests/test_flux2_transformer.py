@@ -32,10 +32,12 @@ CONFIGS = [
     dict(guidance_embeds=False),
     dict(num_layers=1, num_single_layers=3, attention_head_dim=32, num_attention_heads=3, axes_dims_rope=(8, 8, 8, 8),
          joint_attention_dim=40, in_channels=64, mlp_ratio=2.0),
+    dict(num_single_layers=0),  # the last-block shortcut must not apply to a double block
+    dict(num_single_layers=1),  # the only single block is the last one
 ]
 
 
-@pytest.mark.parametrize("overrides", CONFIGS, ids=["dev-like", "no-guidance", "wider"])
+@pytest.mark.parametrize("overrides", CONFIGS, ids=["dev-like", "no-guidance", "wider", "no-single", "one-single"])
 def test_forward_matches_diffusers(overrides):
     torch.manual_seed(1)
     ref = tiny_diffusers_transformer(**overrides)

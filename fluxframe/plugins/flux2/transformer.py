@@ -84,8 +84,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, (S, head_dim/2) each, from 4-axis position ids (S, 4).
+def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, ...]:
+    """The rotations for 4-axis position ids (S, 4): a complex64 table cos + i·sin, (S, head_dim/2),
+    or on MPS, which lacks complex kernels, the pair (cos, sin).
 
     Angles are computed in float64 where the device has it: positions reach the thousands and
     fp32 angles would drift from the reference implementation.
@@ -96,15 +97,20 @@ def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> t
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim))
         angles.append(ids[:, axis].to(dtype)[:, None] * inv_freq[None])
     angles = torch.cat(angles, dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    if ids.device.type == "mps":
+        return angles.cos().float(), angles.sin().float()
+    return (torch.polar(torch.ones_like(angles), angles).to(torch.complex64),)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) of x (B, H, S, D) by the angles, in fp32."""
+def apply_rope(x: torch.Tensor, *table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of x (B, H, S, D) by the angles, in fp32: one complex
+    multiply (a single pass over x), or the real-valued form where the table is (cos, sin)."""
     pairs = x.float().unflatten(-1, (-1, 2))
+    if len(table) == 1:
+        return torch.view_as_real(torch.view_as_complex(pairs) * table[0]).flatten(-2).to(x.dtype)
+    cos, sin = table
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -144,7 +150,7 @@ class SelfAttention(nn.Module):
 class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=-1)
-        return F.silu(a) * b
+        return F.silu(a).mul_(b)
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -155,8 +161,8 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
 
 
-def _attention(q, k, v, rope) -> torch.Tensor:
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+def _attention(q, k, v, rope, q_rope=None) -> torch.Tensor:
+    q, k = apply_rope(q, *(q_rope or rope)), apply_rope(k, *rope)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
@@ -185,10 +191,10 @@ class DoubleBlock(nn.Module):
         attn = _attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
-        img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2, self.eps))
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2, self.eps))
+        img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, self.eps)))
+        txt = torch.addcmul(txt, t_gate1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2, self.eps)))
         return _clip_fp16(img), _clip_fp16(txt)
 
 
@@ -205,14 +211,23 @@ class SingleBlock(nn.Module):
         self.norm = QKNorm(dim // heads, eps)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, rope):
+    def forward(self, x, mod, rope, skip: int = 0):
+        """skip > 0 returns only tokens skip: onwards (the last block, whose text outputs nobody reads):
+        the skipped tokens still serve as keys and values, but get no queries, MLP or output projection.
+
+        linear1 and linear2 run as two GEMMs each over row/column slices of their weights, which saves
+        the MLP on skipped tokens and the concatenation of [attention, MLP] before linear2."""
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(_modulate(x, shift, scale, self.eps)).split(
-            [self.linear2.out_features * 3, 2 * self.mlp_hidden], dim=-1
-        )
+        dim = self.linear2.out_features
+        w1, w2 = self.linear1.weight, self.linear2.weight
+        h = _modulate(x, shift, scale, self.eps)
+        qkv, mlp = F.linear(h, w1[: 3 * dim]), F.linear(h[:, skip:], w1[3 * dim :])
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        attn = _attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
-        return _clip_fp16(x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1)))
+        q_rope = tuple(r[skip:] for r in rope) if skip else None
+        attn = _attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope)
+        out = F.linear(attn, w2[:, :dim])
+        out.view(-1, dim).addmm_(self.mlp_act(mlp).flatten(0, -2), w2[:, dim:].t())
+        return _clip_fp16(torch.addcmul(x[:, skip:], gate, out))
 
 
 class MLPEmbedder(nn.Module):
@@ -305,6 +320,7 @@ class Flux2Transformer(nn.Module):
 
         x = torch.cat([txt, img], dim=1)
         (single_mod,) = self.single_stream_modulation(vec)
-        for block in self.single_blocks:
-            x = block(x, single_mod, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec, cfg.eps)
+        for i, block in enumerate(self.single_blocks):
+            last = i == len(self.single_blocks) - 1
+            x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0)
+        return self.final_layer(x if self.single_blocks else x[:, txt.shape[1] :], vec, cfg.eps)
