@@ -27,14 +27,15 @@ def folder(tmp_path, diffusers_flux2_folder):
     return copy
 
 
-def _rewrite_transformer(folder, change):
+def _rewrite_transformer(folder, change=lambda state: None, **save_options):
+    """Read the transformer's weights, change them, and write them back (sharded if asked)."""
     sub = folder / "transformer"
     with SafetensorsCheckpoint.open(sub) as ckpt:
         state = {k: ckpt.get(k).clone() for k in ckpt.keys()}
     change(state)
     for f in sub.glob("*.safetensors*"):
         f.unlink()
-    save_sharded(state, sub)
+    return save_sharded(state, sub, **save_options)
 
 
 def _generate(folder, host):
@@ -42,13 +43,8 @@ def _generate(folder, host):
 
 
 def test_sharded_transformer_gives_the_same_image(folder, host, diffusers_flux2_folder):
-    sub = folder / "transformer"
-    with SafetensorsCheckpoint.open(sub) as ckpt:
-        state = {k: ckpt.get(k).clone() for k in ckpt.keys()}
-    for f in sub.glob("*.safetensors"):
-        f.unlink()
-    files = save_sharded(state, sub, max_shard_bytes=60_000)
-    assert len(files) > 2 and (sub / "diffusion_pytorch_model.safetensors.index.json").exists()
+    files = _rewrite_transformer(folder, max_shard_bytes=60_000)
+    assert len(files) > 2 and (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
     sharded = _generate(folder, host)
     single = _generate(diffusers_flux2_folder, host)
     assert torch.equal(sharded.latents, single.latents)
@@ -84,13 +80,7 @@ def test_truncated_weights(folder, host):
 
 
 def test_missing_shard(folder, host):
-    _rewrite_transformer(folder, lambda s: None)
-    sub = folder / "transformer"
-    with SafetensorsCheckpoint.open(sub) as ckpt:
-        state = {k: ckpt.get(k).clone() for k in ckpt.keys()}
-    for f in sub.glob("*.safetensors*"):
-        f.unlink()
-    files = save_sharded(state, sub, max_shard_bytes=60_000)
+    files = _rewrite_transformer(folder, max_shard_bytes=60_000)
     files[1].unlink()
     with pytest.raises(CheckpointError) as info:
         api.load(_config(folder), host=host)
