@@ -15,8 +15,8 @@ from fluxframe.core.pipeline import Pipeline, config_warnings
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import GenerationRequest, GenerationResult
 
-__all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "PluginHost", "check_config", "load",
-           "load_config", "parse_config"]
+__all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "PluginHost", "check_config", "encode",
+           "load", "load_config", "parse_config"]
 
 
 def _host_for(config: Config) -> PluginHost:
@@ -28,6 +28,22 @@ def load(config: Config | str | Path, *, host: PluginHost | None = None) -> Pipe
     if not isinstance(config, Config):
         config = load_config(config)
     return Pipeline.from_config(config, host or _host_for(config))
+
+
+def encode(config: Config | str | Path, prompt: str, output: str | Path, *, negative_prompt: str | None = None,
+           host: PluginHost | None = None) -> Path:
+    """Run only the model's text encoder and write the prompt embeddings to ``output`` (safetensors, with the
+    prompt and the encoder's identity in its metadata), for ``GenerationRequest(prompt_embeds=output)`` later.
+    The prompt filters run again on the stored prompt when the file is used."""
+    from fluxframe.errors import RequestError
+
+    if not isinstance(config, Config):
+        config = load_config(config)
+    if not isinstance(prompt, str):
+        raise RequestError(f"must be text, got {type(prompt).__name__}", field="prompt")
+    family = (host or _host_for(config)).get("model_family", config.model.family).factory
+    family.check(config)
+    return family.encode_to_file(config, prompt, Path(output), negative_prompt)
 
 
 def check_config(config: Config | str | Path, *, host: PluginHost | None = None) -> list[str]:

@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate an image from a prompt")
     gen.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
-    gen.add_argument("--prompt", required=True, help="what to draw")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what to draw")
+    what.add_argument("--prompt-embeds", type=Path, metavar="FILE",
+                      help="embeddings written by `fluxframe encode` (the text encoder is then not loaded)")
+    gen.add_argument("--upsample-prompt", action="store_true",
+                     help="let the text encoder rewrite the prompt into a detailed one first (recorded)")
     gen.add_argument("--seed", type=_positive("--seed", minimum=0))
     gen.add_argument("--steps", type=_positive("--steps"))
     gen.add_argument("--guidance", type=_positive("--guidance", float, 0.0))
@@ -60,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--control-strength", type=_positive("--control-strength", float, 0.0))
     cond.add_argument("--control-stop", type=_positive("--control-stop", float, 0.0),
                       help="fraction of the steps after which control is switched off (0-1)")
+
+    enc = sub.add_parser("encode", help="run only the text encoder; write prompt embeddings for --prompt-embeds")
+    enc.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
+    enc.add_argument("--prompt", required=True)
+    enc.add_argument("--negative-prompt", help="also encoded, for models with true guidance")
+    enc.add_argument("--output", required=True, type=Path, help="the embeddings file (.safetensors)")
 
     sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide") \
         .add_argument("--json", action="store_true")
@@ -106,6 +117,7 @@ def cmd_generate(args) -> int:
     try:
         result = pipeline.generate(
             api.GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                  prompt_embeds=args.prompt_embeds, upsample_prompt=args.upsample_prompt,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
                                   output=args.output, conditioning=request_conditioning(args)),
             progress=progress,
@@ -117,9 +129,18 @@ def cmd_generate(args) -> int:
         print(format_verdict(verdict), file=sys.stderr)
     for note in result.notes:
         print(note, file=sys.stderr)
+    if result.upsampled_prompt is not None:
+        print(f"upsampled prompt: {result.upsampled_prompt}", file=sys.stderr)
     print(f"seed {result.seed}, {result.steps} steps, guidance {result.guidance}, "
           f"{result.width}x{result.height}, {result.timings['total']:.1f} s", file=sys.stderr)
     print(result.path)
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from fluxframe import api
+
+    print(api.encode(args.config, args.prompt, args.output, negative_prompt=args.negative_prompt))
     return 0
 
 
@@ -162,7 +183,7 @@ def cmd_config_check(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plugins": cmd_plugins, "config": cmd_config_check}
+COMMANDS = {"generate": cmd_generate, "encode": cmd_encode, "plugins": cmd_plugins, "config": cmd_config_check}
 # Each module has add_commands(subparsers) -> {command name: function(args) -> exit code}.
 COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli")
 

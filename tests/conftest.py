@@ -87,12 +87,47 @@ def diffusers_flux2_folder(tmp_path_factory, tiny_text_encoder_dirs):
 def host():
     """A plugin host with only the built-ins, registered in code (installed third-party plugins never leak in)."""
     from fluxframe.core.plugins import PluginHost
+    import fluxframe.conditioning as conditioning
     import fluxframe.provenance as provenance
     import fluxframe.safety as safety
-    from fluxframe.plugins import flux2, memory, samplers
+    from fluxframe.plugins import flex2, flux2, memory, samplers
 
     h = PluginHost(load_entry_points=False)
-    for name, module in (("flux2", flux2), ("memory", memory), ("samplers", samplers), ("safety", safety),
-                         ("provenance", provenance)):
+    for name, module in (("flux2", flux2), ("flex2", flex2), ("memory", memory), ("samplers", samplers),
+                         ("safety", safety), ("provenance", provenance), ("conditioning", conditioning)):
         h.add(module, name=name, source="fluxframe (test)", builtin=True)
     return h
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dirs(tmp_path_factory):
+    """(text_encoder_dir, tokenizer_dir) of a tiny random Qwen3 with a Qwen-like tokenizer."""
+    from transformers import AutoTokenizer
+
+    from fluxframe.plugins.flux2.tiny import build_tiny_qwen3, build_tiny_qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-qwen3")
+    build_tiny_qwen_tokenizer(root / "tokenizer")
+    build_tiny_qwen3(root / "text_encoder", vocab_size=len(AutoTokenizer.from_pretrained(root / "tokenizer")))
+    return root / "text_encoder", root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def klein_folders(tmp_path_factory, tiny_qwen3_dirs):
+    """{"distilled": folder, "base": folder}: the same tiny weights saved by Flux2KleinPipeline.save_pretrained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    te_dir, tok_dir = tiny_qwen3_dirs
+    parts = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential"),
+        vae=tiny_diffusers_vae(), text_encoder=Qwen3ForCausalLM.from_pretrained(te_dir),
+        tokenizer=AutoTokenizer.from_pretrained(tok_dir), transformer=tiny_diffusers_transformer(guidance_embeds=False),
+    )
+    root = tmp_path_factory.mktemp("klein")
+    out = {}
+    for kind in ("distilled", "base"):
+        Flux2KleinPipeline(**parts, is_distilled=kind == "distilled").save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out

@@ -57,7 +57,8 @@ def test_not_toml_and_missing_file(tmp_path):
 
 def test_int_guidance_is_accepted_and_defaults_fill_in(tmp_path):
     config = api.load_config(write(tmp_path, '[model]\npreset = "tiny"\n[sampler]\nguidance = 4\n'))
-    assert config.sampler.guidance == 4.0 and config.sampler.steps == 50 and config.model.family == "flux2"
+    assert config.sampler.guidance == 4.0 and config.sampler.model_dump()["steps"] is None  # the model's default
+    assert config.model.family == "flux2"
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
@@ -67,7 +68,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 
 
 def test_check_names_unknown_family_sampler_and_missing_checkpoint(tmp_path, host):
-    with pytest.raises(PluginError, match="no model family named 'flux9'.*known: flux2"):
+    with pytest.raises(PluginError, match="no model family named 'flux9'.*known: flex2, flux2"):
         api.check_config(api.load_config(write(tmp_path, '[model]\nfamily = "flux9"\npreset = "tiny"\n')), host=host)
     with pytest.raises(PluginError, match="no sampler named 'ddim'"):
         api.check_config(api.load_config(write(tmp_path, '[model]\npreset = "tiny"\n[sampler]\nname = "ddim"\n')),
@@ -86,11 +87,30 @@ def example_configs() -> list[tuple[str, str]]:
     return [(f"README block {i}", b) for i, b in enumerate(blocks)] + shipped
 
 
+def write_single_files(dit, ae):
+    from safetensors.torch import save_file
+
+    from fluxframe.plugins.flux2 import single_file
+    from fluxframe.plugins.flux2.autoencoder import AutoencoderConfig, Flux2Autoencoder
+    from fluxframe.plugins.flux2.transformer import Flux2Transformer, TransformerConfig
+
+    t = Flux2Transformer(TransformerConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                           num_attention_heads=2, joint_attention_dim=96, axes_dims_rope=(4, 4, 4, 4)))
+    v_config = AutoencoderConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    v = Flux2Autoencoder(v_config)
+    for path, state in ((dit, t.state_dict()), (ae, single_file.vae_to_original(v.state_dict(), v_config))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: x.contiguous() for k, x in state.items()}, path)
+
+
 def provide_files(config, checkpoint):
     """Put what an example config points at where it points: a checkpoint, dev certificates, filter data."""
     from fluxframe.provenance.certs import make_dev_certificates
 
-    if config.model.path:
+    if config.model.vae:  # a single-file checkpoint: tiny random DiT and autoencoder files, a text encoder folder
+        write_single_files(config.model_path, config.resolve(config.model.vae))
+        config.resolve(config.model.text_encoder).symlink_to(checkpoint, target_is_directory=True)
+    elif config.model.path:
         target = config.model_path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(checkpoint, target_is_directory=True)

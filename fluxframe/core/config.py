@@ -27,6 +27,9 @@ class ModelSection(_Section):
     family: str = "flux2"
     path: str | None = None
     preset: str | None = None  # a built-in checkpoint the model family makes itself, e.g. "tiny"
+    # Single-file checkpoints: `path` is then the DiT file; the autoencoder file and the text encoder come apart.
+    vae: str | None = None
+    text_encoder: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: str = "auto"
 
@@ -41,13 +44,16 @@ class ModelSection(_Section):
     def _one_source(self) -> ModelSection:
         if (self.path is None) == (self.preset is None):
             raise ValueError("give exactly one of `path` (a checkpoint folder) or `preset` (\"tiny\")")
+        if self.path is None and (self.vae is not None or self.text_encoder is not None):
+            raise ValueError("`vae` and `text_encoder` go with `path` (a single-file checkpoint), not with `preset`")
         return self
 
 
 class SamplerSection(_Section):
     name: str = "flow-euler"
-    steps: int = Field(50, ge=1, le=1000)
-    guidance: float = Field(4.0, ge=0.0, le=100.0)
+    # None: the model's own default (FLUX.2 dev 50 / 4.0, klein distilled 4 / 1.0, klein base 50 / 4.0).
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0.0, le=100.0)
     width: int = Field(1024, ge=16, le=4096)
     height: int = Field(1024, ge=16, le=4096)
     seed: int | None = Field(None, ge=0, lt=2**63)

@@ -91,6 +91,31 @@ class ModelFamily(ABC):
     def decode(self, latents: Latents) -> torch.Tensor:
         """Latent tokens to images (B, 3, H, W) in [-1, 1]."""
 
+    def true_cfg(self, guidance: float) -> bool:
+        """Whether this guidance runs true classifier-free guidance, i.e. needs negative prompt embeddings
+        (``TextConditioning.negative``). Guidance-distilled models say False and refuse negative prompts."""
+        return False
+
+    def upsample_prompt(self, prompt: str, seed: int) -> str:
+        """Rewrite a short prompt into a detailed one with the model's own text encoder (optional)."""
+        from fluxframe.errors import RequestError
+
+        raise RequestError(f"model family {self.name!r} cannot upsample prompts", field="upsample_prompt")
+
+    def load_prompt_embeds(self, path: Path) -> tuple[TextConditioning, str | None, str | None]:
+        """Embeddings written by ``fluxframe encode``: (conditioning, stored prompt, stored negative prompt).
+        Must refuse files from another encoder and must not load the text encoder."""
+        from fluxframe.errors import RequestError
+
+        raise RequestError(f"model family {self.name!r} cannot use prompt embeddings files", field="prompt_embeds")
+
+    @classmethod
+    def encode_to_file(cls, config: Config, prompt: str, output: Path, negative_prompt: str | None = None) -> Path:
+        """Run only the text encoder and write the prompt embeddings file (``fluxframe encode``)."""
+        from fluxframe.errors import RequestError
+
+        raise RequestError(f"model family {cls.name!r} cannot encode prompts on their own", field="prompt")
+
     def describe(self) -> dict[str, Any]:
         """Facts for logs and provenance records."""
         return {"family": self.name, "checkpoint": self.checkpoint_id}

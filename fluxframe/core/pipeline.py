@@ -202,12 +202,21 @@ class Pipeline:
         seed = request.seed if request.seed is not None else s.seed
         settings = {
             "seed": seed if seed is not None else secrets.randbelow(2**32),
-            "steps": request.steps if request.steps is not None else s.steps,
-            "guidance": request.guidance if request.guidance is not None else s.guidance,
+            "steps": next(v for v in (request.steps, s.steps, self.stages.model.default_steps) if v is not None),
+            "guidance": next(v for v in (request.guidance, s.guidance, self.stages.model.default_guidance)
+                             if v is not None),
             "width": request.width if request.width is not None else s.width,
             "height": request.height if request.height is not None else s.height,
         }
-        if not isinstance(request.prompt, str):
+        if request.prompt_embeds is not None:
+            if request.prompt is not None:
+                raise RequestError("give either a prompt or a prompt embeddings file, not both", field="prompt")
+            if request.negative_prompt is not None:
+                raise RequestError("give it to `fluxframe encode`: the embeddings file carries the negative prompt",
+                                   field="negative_prompt")
+            if request.upsample_prompt:
+                raise RequestError("a prompt given as embeddings cannot be rewritten", field="upsample_prompt")
+        elif not isinstance(request.prompt, str):
             raise RequestError(f"must be text, got {type(request.prompt).__name__}", field="prompt")
         if not 0 <= settings["seed"] < 2**63:
             raise RequestError(f"must be between 0 and 2**63 - 1, got {settings['seed']}", field="seed")
@@ -215,6 +224,11 @@ class Pipeline:
             raise RequestError(f"must be between 1 and 1000, got {settings['steps']}", field="steps")
         if not 0 <= settings["guidance"] <= 100:
             raise RequestError(f"must be between 0 and 100, got {settings['guidance']}", field="guidance")
+        if request.negative_prompt and not self.stages.model.true_cfg(settings["guidance"]):
+            raise RequestError(
+                f"this {self.stages.model.name} checkpoint does not run true classifier-free guidance at guidance "
+                f"{settings['guidance']} (guidance-distilled models have none; base models need guidance > 1)",
+                field="negative_prompt")
         for key in ("width", "height"):
             value = settings[key]
             if not limits.min_size <= value <= limits.max_size:
@@ -280,9 +294,14 @@ class Pipeline:
 
         t0 = time.perf_counter()
         # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
-        prompts = {"prompt": request.prompt}
-        if request.negative_prompt is not None:
-            prompts["negative_prompt"] = request.negative_prompt
+        prompt, negative, text = request.prompt, request.negative_prompt, None
+        if request.prompt_embeds is not None:  # read first: the filters check the text the embeddings were made of
+            text, prompt, negative = model.load_prompt_embeds(Path(request.prompt_embeds))
+            # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
+            request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
+        prompts = {"prompt": prompt}
+        if negative is not None:
+            prompts["negative_prompt"] = negative
         decision = policy.check_prompts(prompts)
         verdicts += decision.verdicts
         inputs = self._input_images(request)
@@ -293,14 +312,36 @@ class Pipeline:
         if not decision.allowed:
             raise self._block(request, settings, inputs, verdicts, decision)
 
+        upsampled = None
+        if request.upsample_prompt:  # the rewrite is a new prompt: it passes the prompt filters too
+            t0 = time.perf_counter()
+            upsampled = model.upsample_prompt(prompt, settings["seed"])
+            timings["prompt_upsampling"] = time.perf_counter() - t0
+            decision = policy.check_prompts({"upsampled_prompt": upsampled})
+            verdicts += decision.verdicts
+            if not decision.allowed:
+                raise self._block(request, settings, inputs, verdicts, decision)
+
         with torch.inference_mode():
             t0 = time.perf_counter()
-            text = model.encode_prompts([request.prompt])
+            cfg = model.true_cfg(settings["guidance"])
+            if text is None:
+                text = model.encode_prompts([upsampled if upsampled is not None else prompt])
+                if cfg:  # like diffusers' Flux2KleinPipeline: an empty negative prompt unless one is given
+                    text.negative = model.encode_prompts([negative or ""])
+            elif cfg and text.negative is None:
+                raise RequestError(f"{request.prompt_embeds}: has no negative_prompt_embeds, which true guidance at "
+                                   f"{settings['guidance']} needs (encode with this config)", field="prompt_embeds")
+            elif not cfg and text.negative is not None:
+                log.warning("%s: negative_prompt_embeds unused: no true guidance at guidance %s",
+                            request.prompt_embeds, settings["guidance"])
+                text.negative = None
             timings["text_encoding"] = time.perf_counter() - t0
 
             conditioning = Conditioning()
+            resolved = dataclasses.replace(request, **settings)  # conditioners see this run's size, seed, steps
             for name, conditioner in stages.conditioners.items():
-                conditioner.prepare(model, request, request.conditioning.get(name, {}), conditioning)
+                conditioner.prepare(model, resolved, request.conditioning.get(name, {}), conditioning)
 
             latents = model.initial_noise(settings["seed"], settings["width"], settings["height"])
             sigmas = model.sigmas(settings["steps"], latents.tokens.shape[1])
@@ -357,7 +398,9 @@ class Pipeline:
         timings["total"] = time.perf_counter() - started
 
         return GenerationResult(
-            request_id=request.request_id, image=image, path=path, prompt=request.prompt,
+            request_id=request.request_id, image=image, path=path, prompt=prompt, upsampled_prompt=upsampled,
             model_family=model.name, timings=timings, latents=latents.tokens, verdicts=verdicts,
-            notes=[_note(name, rec) for name, rec in context.records.items()], audit=record, **settings,
+            notes=[_note(name, rec) for name, rec in context.records.items()]
+            + [note for rec in conditioning.info.values() if isinstance(rec, dict) for note in rec.get("notes", [])],
+            audit=record, **settings,
         )

@@ -12,9 +12,13 @@ import torch
 
 @dataclass
 class GenerationRequest:
-    """One image to make. Fields left as None take the config's [sampler] defaults."""
+    """One image to make. Fields left as None take the config's [sampler] defaults, then the model's.
 
-    prompt: str
+    prompt_embeds: a file written by `fluxframe encode`, used instead of ``prompt`` (the text encoder is not loaded).
+    upsample_prompt: let the model's text encoder rewrite the prompt into a detailed one first (FLUX.2).
+    """
+
+    prompt: str | None = None
     negative_prompt: str | None = None
     seed: int | None = None
     steps: int | None = None
@@ -24,6 +28,8 @@ class GenerationRequest:
     output: Path | None = None
     # Per-request conditioner inputs, by conditioner name: {"reference": {"images": [...]}}.
     conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prompt_embeds: Path | None = None
+    upsample_prompt: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -33,6 +39,7 @@ class TextConditioning:
 
     embeds: torch.Tensor  # (B, L, D)
     ids: torch.Tensor  # (L, axes)
+    negative: TextConditioning | None = None  # the negative prompt's, when the model runs true CFG
 
 
 @dataclass
@@ -86,10 +93,11 @@ class GenerationResult:
     guidance: float
     width: int
     height: int
-    prompt: str
+    prompt: str | None
     model_family: str
     timings: dict[str, float] = field(default_factory=dict)
     verdicts: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     latents: Any = None  # the denoised latent tokens (B, N, C), before decoding
     audit: dict | None = None  # the audit record written for this request
+    upsampled_prompt: str | None = None  # what the model rewrote the prompt into, when asked to

@@ -1,5 +1,10 @@
 """The FLUX.2 model family: loads a checkpoint folder (diffusers layout) and runs its parts.
 
+One family for every FLUX.2 checkpoint; the checkpoint's own files say which it is. dev (Flux2Pipeline): Mistral-3
+text encoder, guidance embedded in the DiT, 50 steps at 4.0. klein (Flux2KleinPipeline): Qwen3 text encoder, no
+guidance embedder; model_index.json `is_distilled` true is the step-distilled model (4 steps, guidance 1, no CFG),
+false the base model (50 steps, true classifier-free guidance against a negative prompt, "" by default, at 4.0).
+
 The folder holds model_index.json, transformer/, vae/, text_encoder/, tokenizer/ and scheduler/.
 Weights stream from memory-mapped safetensors into modules built on the meta device, so a
 checkpoint is never held twice. The text encoder loads on first use.
@@ -20,11 +25,11 @@ from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError
 
-from . import keymap
+from . import keymap, single_file
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
 from .transformer import Flux2Transformer, TransformerConfig
 
-PIPELINE_CLASSES = {"Flux2Pipeline"}
+PIPELINE_CLASSES = {"Flux2Pipeline", "Flux2KleinPipeline"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +114,39 @@ def fingerprint(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def prompt_encoder_class(folder: Path):
+    """The prompt encoder the checkpoint's text_encoder/config.json asks for (by its model_type)."""
+    from .qwen3_encoder import Qwen3PromptEncoder
+    from .text_encoder import MistralPromptEncoder
+
+    config_file = folder / "text_encoder" / "config.json"
+    kind = _read_json(config_file).get("model_type")
+    classes = {"mistral3": MistralPromptEncoder, "qwen3": Qwen3PromptEncoder}
+    if kind not in classes:
+        raise CheckpointError(f"model_type {kind!r} is not a FLUX.2 text encoder (known: {', '.join(classes)})",
+                              file=str(config_file), key="model_type")
+    return classes[kind]
+
+
+def prompt_encoder_identity(folder: Path) -> dict:
+    """The encoder's identity from its config alone (no weights read), as the loaded encoder reports it."""
+    from transformers import AutoConfig
+
+    from .text_encoder import encoder_identity
+
+    cls = prompt_encoder_class(folder)
+    config = AutoConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    model_class = "Mistral3ForConditionalGeneration" if cls.__name__ == "MistralPromptEncoder" else "Qwen3ForCausalLM"
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return encoder_identity(model_class, text_config, cls.hidden_layers)
+
+
+def is_base_model(folder: Path, guidance_embeds: bool) -> bool:
+    """A klein base model: no guidance embedder and model_index.json `is_distilled` false (diffusers' default)."""
+    index = folder / "model_index.json"
+    return not guidance_embeds and not (index.is_file() and _read_json(index).get("is_distilled", False))
+
+
 def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Transformer:
     config = TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     with torch.device("meta"):
@@ -150,7 +188,10 @@ def unpack(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class Flux2(ModelFamily):
-    """FLUX.2 dev: Mistral-3 text encoder, guidance-distilled DiT, 32-channel autoencoder."""
+    """FLUX.2 dev and klein: Mistral-3 or Qwen3 text encoder, FLUX.2 DiT, 32-channel autoencoder."""
+
+    upsample_max_tokens = 512
+    upsample_temperature = 0.15  # diffusers' recommendation; 0 decodes greedily
 
     name = "flux2"
     default_steps = 50
@@ -166,6 +207,10 @@ class Flux2(ModelFamily):
         self.memory = memory
         self._text_encoder = None
         self._checkpoint_id: str | None = None
+        self.embedded_guidance = transformer.guidance_in is not None
+        self.base = is_base_model(folder, self.embedded_guidance)
+        if not self.embedded_guidance and not self.base:  # klein distilled
+            self.default_steps, self.default_guidance = 4, 1.0
         downsample = 2 ** (len(vae.config.block_out_channels) - 1) * vae.config.patch_size[0]
         self.limits = ModelLimits(
             latent_channels=transformer.config.in_channels, pixel_multiple=downsample, max_references=10
@@ -188,11 +233,15 @@ class Flux2(ModelFamily):
                 raise ConfigError(f"unknown preset {config.model.preset!r} (known: {', '.join(PRESETS)})",
                                   path=config.source, key="model.preset")
             return [f"preset {config.model.preset!r}: random weights, for trying fluxframe out (images are noise)"]
+        if single_file.is_single_file(config):
+            return single_file.check(config)
         check_folder(config.model_path)
         return []
 
     @classmethod
     def load(cls, config, memory):
+        if config.model.path is not None and single_file.is_single_file(config):
+            return single_file.load(cls, config, memory)
         folder = cls.folder_for(config)
         check_folder(folder)
         device = resolve_device(config.model.device)
@@ -210,9 +259,7 @@ class Flux2(ModelFamily):
     @property
     def text_encoder(self):
         if self._text_encoder is None:
-            from .text_encoder import MistralPromptEncoder
-
-            encoder = MistralPromptEncoder.from_pretrained(
+            encoder = prompt_encoder_class(self.folder).from_pretrained(
                 self.folder / "text_encoder", self.folder / "tokenizer", dtype=self.dtype, device=self.device
             )
             if encoder.embed_dim != self.transformer.config.joint_attention_dim:
@@ -232,6 +279,59 @@ class Flux2(ModelFamily):
         finally:
             self.memory.after_use("text_encoder", encoder, self.device)
         return TextConditioning(embeds=embeds.to(self.device, self.dtype), ids=text_ids(embeds.shape[1]))
+
+    def true_cfg(self, guidance: float) -> bool:
+        return self.base and guidance > 1.0
+
+    def upsample_prompt(self, prompt: str, seed: int) -> str:
+        from .text_encoder import UPSAMPLING_SYSTEM_MESSAGE
+
+        encoder = self.text_encoder
+        self.memory.before_use("text_encoder", encoder, self.device)
+        try:
+            return encoder.upsample(prompt, UPSAMPLING_SYSTEM_MESSAGE, max_new_tokens=self.upsample_max_tokens,
+                                    temperature=self.upsample_temperature, seed=seed)
+        finally:
+            self.memory.after_use("text_encoder", encoder, self.device)
+
+    def load_prompt_embeds(self, path: Path):
+        from fluxframe.core import embeddings
+
+        tensors, meta = embeddings.load(path, prompt_encoder_identity(self.folder),
+                                        self.transformer.config.joint_attention_dim)
+
+        def conditioning(t):
+            return TextConditioning(embeds=t.to(self.device, self.dtype), ids=text_ids(t.shape[1]))
+
+        text = conditioning(tensors["prompt_embeds"])
+        if "negative_prompt_embeds" in tensors:
+            text.negative = conditioning(tensors["negative_prompt_embeds"])
+        return text, meta.get("prompt"), meta.get("negative_prompt")
+
+    @classmethod
+    def encode_to_file(cls, config, prompt: str, output: Path, negative_prompt: str | None = None) -> Path:
+        """Load only the text encoder; write the prompt's embeddings (and the negative prompt's, "" by default,
+        for a base model, which needs them for true guidance)."""
+        from fluxframe.core import embeddings
+        from fluxframe.errors import RequestError
+
+        if config.model.path is not None and single_file.is_single_file(config):
+            folder, guidance_embeds = config.resolve(config.model.text_encoder), True
+        else:
+            folder = cls.folder_for(config)
+            check_folder(folder)
+            guidance_embeds = _read_json(folder / "transformer" / "config.json").get("guidance_embeds", True)
+        base = is_base_model(folder, guidance_embeds)
+        if negative_prompt and not base:
+            raise RequestError("this checkpoint is guidance-distilled: it runs no classifier-free guidance, so a "
+                               "negative prompt would be ignored", field="negative_prompt")
+        device = resolve_device(config.model.device)
+        encoder = prompt_encoder_class(folder).from_pretrained(folder / "text_encoder", folder / "tokenizer",
+                                                               dtype=DTYPES[config.model.dtype], device=device)
+        with torch.inference_mode():
+            embeds = encoder.encode([prompt])
+            negative = encoder.encode([negative_prompt or ""]) if base else None
+        return embeddings.save(output, encoder.identity, prompt, embeds, negative_prompt, negative)
 
     def initial_noise(self, seed: int, width: int, height: int) -> Latents:
         # Drawn exactly as diffusers' Flux2Pipeline draws it: a CPU generator, shape (1, 128, H/16, W/16).
@@ -254,7 +354,11 @@ class Flux2(ModelFamily):
         self.memory.before_use("transformer", self.transformer, self.device)
         try:
             out = self.transformer(tokens, ids.to(self.device), text.embeds, text.ids.to(self.device), t,
-                                   g if self.transformer.guidance_in is not None else None)
+                                   g if self.embedded_guidance else None)
+            if text.negative is not None:  # true CFG, two passes as Flux2KleinPipeline runs it
+                neg = self.transformer(tokens, ids.to(self.device), text.negative.embeds,
+                                       text.negative.ids.to(self.device), t, None)
+                out = neg + guidance * (out - neg)
         finally:
             self.memory.after_use("transformer", self.transformer, self.device)
         return out[:, : latents.shape[1]]

@@ -1,7 +1,8 @@
 """Built-in checkpoints the flux2 family makes itself, so fluxframe runs on a machine with no weights.
 
-``tiny`` is a FLUX.2 checkpoint with random weights in the diffusers folder layout: it loads
-through exactly the code path of a real checkpoint, and draws noise. It is built once, into
+``tiny`` is a FLUX.2 (dev-shaped) checkpoint with random weights in the diffusers folder layout, ``tiny-klein``
+a step-distilled klein-shaped one (Qwen3 text encoder, no guidance embedder): they load through exactly the code
+path of a real checkpoint, and draw noise. It is built once, into
 the cache folder ($FLUXFRAME_CACHE, else ~/.cache/fluxframe), atomically.
 """
 
@@ -22,7 +23,7 @@ from .autoencoder import AutoencoderConfig, Flux2Autoencoder
 from .transformer import Flux2Transformer, TransformerConfig
 
 TINY_VERSION = "tiny-v1"
-PRESETS = ("tiny",)
+PRESETS = ("tiny", "tiny-klein")
 
 
 def cache_dir() -> Path:
@@ -32,9 +33,9 @@ def cache_dir() -> Path:
 def preset_folder(name: str) -> Path:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}")
-    folder = cache_dir() / "presets" / TINY_VERSION
+    folder = cache_dir() / "presets" / TINY_VERSION.replace("tiny", name)
     if not (folder / "model_index.json").exists():
-        build_tiny(folder)
+        build_tiny(folder, klein=name == "tiny-klein")
     return folder
 
 
@@ -43,25 +44,25 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def build_tiny(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny(folder: Path, *, seed: int = 0, klein: bool = False) -> Path:
     """Write the tiny random checkpoint to ``folder`` (built beside it, then renamed into place)."""
-    from .tiny import build_tiny_mistral3, build_tiny_tokenizer
+    from .tiny import build_tiny_mistral3, build_tiny_qwen3, build_tiny_qwen_tokenizer, build_tiny_tokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            build_tiny_tokenizer(work / "tokenizer")
-            from transformers import AutoTokenizer
+            (build_tiny_qwen_tokenizer if klein else build_tiny_tokenizer)(work / "tokenizer")
+            from transformers import AutoConfig, AutoTokenizer
 
             vocab = len(AutoTokenizer.from_pretrained(work / "tokenizer", local_files_only=True))
-            build_tiny_mistral3(work / "text_encoder", vocab_size=vocab, seed=seed)
+            (build_tiny_qwen3 if klein else build_tiny_mistral3)(work / "text_encoder", vocab_size=vocab, seed=seed)
 
-            text_hidden = json.loads((work / "text_encoder" / "config.json").read_text())["text_config"]["hidden_size"]
+            text_hidden = AutoConfig.from_pretrained(work / "text_encoder").get_text_config().hidden_size
             t_config = TransformerConfig(
                 num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=3 * text_hidden, axes_dims_rope=(8, 8, 8, 8),
+                joint_attention_dim=3 * text_hidden, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=not klein,
             )
             transformer = Flux2Transformer(t_config)
             _write_json(work / "transformer" / "config.json", t_config.to_dict())
@@ -79,10 +80,11 @@ def build_tiny(folder: Path, *, seed: int = 0) -> Path:
             "use_dynamic_shifting": True, "time_shift_type": "exponential",
         })
         _write_json(work / "model_index.json", {
-            "_class_name": "Flux2Pipeline",
+            "_class_name": "Flux2KleinPipeline" if klein else "Flux2Pipeline",
+            **({"is_distilled": True} if klein else {}),
             "_fluxframe_preset": f"{TINY_VERSION}: random weights, seed {seed}",
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+            "text_encoder": ["transformers", "Qwen3ForCausalLM" if klein else "Mistral3ForConditionalGeneration"],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "transformer": ["diffusers", "Flux2Transformer2DModel"],
             "vae": ["diffusers", "AutoencoderKLFlux2"],

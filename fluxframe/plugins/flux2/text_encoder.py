@@ -6,6 +6,9 @@ truncated to 512 tokens; the hidden states after decoder layers 10, 20 and 30 ar
 
 Only the tokenizer of the checkpoint's `tokenizer/` folder (a PixtralProcessor folder) is loaded, never the processor:
 the processor pulls in torchvision for images that FLUX.2 text-to-image never gives it.
+
+Also shared by the klein encoder (qwen3_encoder.py): the encoder identity recorded in embeddings files, and one
+chat completion for prompt upsampling.
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ from fluxframe.errors import CheckpointError
 SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
+)
+
+# The FLUX.2 reference's text-to-image prompt upsampling instruction (diffusers: SYSTEM_MESSAGE_UPSAMPLING_T2I).
+UPSAMPLING_SYSTEM_MESSAGE = (
+    "You are an expert prompt engineer for FLUX.2 by Black Forest Labs. Rewrite user prompts to be more descriptive "
+    "while strictly preserving their core subject and intent.\n\nGuidelines:\n1. Structure: Keep structured inputs "
+    "structured (enhance within fields). Convert natural language to detailed paragraphs.\n2. Details: Add concrete "
+    "visual specifics - form, scale, textures, materials, lighting (quality, direction, color), shadows, spatial "
+    "relationships, and environmental context.\n3. Text in Images: Put ALL text in quotation marks, matching the "
+    "prompt's language. Always provide explicit quoted text for objects that would contain text in reality (signs, "
+    "labels, screens, etc.) - without it, the model generates gibberish.\n\nOutput only the revised prompt and "
+    "nothing else."
 )
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -106,19 +121,15 @@ class MistralPromptEncoder:
 
     @property
     def identity(self) -> dict:
-        config = {
-            k: v
-            for k, v in self._text_config.to_dict().items()
-            if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-        }
-        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-        return {
-            "class": type(self.model).__name__,
-            "hidden_size": self._text_config.hidden_size,
-            "num_hidden_layers": self._text_config.num_hidden_layers,
-            "layers": list(self.hidden_layers),
-            "config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-        }
+        return encoder_identity(type(self.model).__name__, self._text_config, self.hidden_layers)
+
+    def upsample(self, prompt: str, system_message: str, *, max_new_tokens: int = 512, temperature: float = 0.15,
+                 seed: int = 0) -> str:
+        """Rewrite ``prompt`` with the model as a chat LLM, as diffusers' Flux2Pipeline.upsample_prompt does."""
+        messages = [{"role": "system", "content": [{"type": "text", "text": system_message}]},
+                    {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}]
+        return generate_text(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)
 
     @property
     def device(self) -> torch.device:
@@ -161,6 +172,37 @@ class MistralPromptEncoder:
     def to(self, device) -> MistralPromptEncoder:
         self.model.to(device)
         return self
+
+
+def encoder_identity(model_class: str, text_config, layers) -> dict:
+    """What an embeddings file records about the encoder that made it: its class, the layers tapped and a hash
+    of its text config (without the fields that only say how it was loaded). Computable from config.json alone."""
+    config = {k: v for k, v in text_config.to_dict().items()
+              if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return {
+        "class": model_class,
+        "hidden_size": text_config.hidden_size,
+        "num_hidden_layers": text_config.num_hidden_layers,
+        "layers": list(layers),
+        "config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+    }
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, messages: list[dict], *, max_new_tokens: int, temperature: float, seed: int,
+                  **template_kwargs) -> str:
+    """One chat completion: sampled at ``temperature`` from a generator seeded with ``seed`` (greedy at 0)."""
+    batch = tokenizer.apply_chat_template([messages], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt", **template_kwargs)
+    device = model.get_input_embeddings().weight.device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def _check_layers(text_config, config_file: str | None) -> None:

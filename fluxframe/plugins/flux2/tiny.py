@@ -157,3 +157,60 @@ def build_tiny_mistral3(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+
+
+# --- FLUX.2 klein: a Qwen3 stand-in ---------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+# Qwen3-like: ChatML turns; with add_generation_prompt and enable_thinking=False an empty think block follows.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def build_tiny_qwen_tokenizer(out_dir: Path) -> None:
+    """A ~1000-token byte-level BPE with Qwen's special tokens and a Qwen3-like chat template (no BOS, pad = eot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:2] + QWEN_SPECIAL_TOKENS[3:]),
+        chat_template=QWEN_CHAT_TEMPLATE, model_max_length=4096,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def tiny_qwen3(*, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 28):
+    """A randomly initialised tiny `Qwen3ForCausalLM` (enough layers for the 9/18/27 taps)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=QWEN_SPECIAL_TOKENS.index("<|im_end|>"), pad_token_id=QWEN_SPECIAL_TOKENS.index("<|endoftext|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_qwen3(out_dir: Path, *, vocab_size: int, seed: int = 0, **kwargs) -> None:
+    """Save `tiny_qwen3(...)` (safetensors) to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tiny_qwen3(vocab_size=vocab_size, seed=seed, **kwargs).save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,110 @@
+"""FLUX.2 klein prompt encoder: Qwen3 (4B for klein 4B, 8B for klein 9B) through transformers.
+
+Each prompt is a single user message rendered with the checkpoint's chat template with the generation prompt and
+thinking switched off, padded and truncated to 512 tokens; the hidden states after decoder layers 9, 18 and 27 are
+concatenated per token into (B, 512, 3 * hidden). This matches diffusers' `Flux2KleinPipeline._get_qwen3_prompt_embeds`.
+Same API as `MistralPromptEncoder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fluxframe.errors import CheckpointError
+
+from .text_encoder import _load_tokenizer, _require_safetensors, encoder_identity, generate_text
+
+
+class Qwen3PromptEncoder:
+    """Turns prompts into FLUX.2 klein text embeddings with a Qwen3 model and its tokenizer."""
+
+    hidden_layers = (9, 18, 27)
+    model_type = "qwen3"
+
+    def __init__(self, model, tokenizer, *, max_length: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._text_config = model.config
+        _check_layers(self._text_config, None)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise CheckpointError("the tokenizer has no chat template")
+        self._backbone = getattr(model, "model", model)  # hidden states without the B x L x vocab logits
+
+    @classmethod
+    def from_pretrained(cls, text_encoder_dir: Path, tokenizer_dir: Path, *, dtype: torch.dtype,
+                        device: torch.device) -> Qwen3PromptEncoder:
+        from safetensors import SafetensorError
+        from transformers import AutoConfig, Qwen3ForCausalLM
+
+        text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
+        config_file = text_encoder_dir / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
+        _require_safetensors(text_encoder_dir)
+        try:
+            config = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"unreadable text encoder config: {exc}", file=str(config_file)) from exc
+        if config.model_type != cls.model_type:
+            raise CheckpointError(f"expected a Qwen3 text encoder (model_type 'qwen3'), got {config.model_type!r}",
+                                  file=str(config_file), key="model_type")
+        _check_layers(config, str(config_file))
+        tokenizer = _load_tokenizer(tokenizer_dir)
+        try:
+            model = Qwen3ForCausalLM.from_pretrained(text_encoder_dir, config=config, dtype=dtype, use_safetensors=True,
+                                                     local_files_only=True, device_map=torch.device(device))
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot load the text encoder weights: {exc}", file=str(text_encoder_dir)) from exc
+        return cls(model.eval(), tokenizer)
+
+    @property
+    def embed_dim(self) -> int:
+        return len(self.hidden_layers) * self._text_config.hidden_size
+
+    @property
+    def identity(self) -> dict:
+        return encoder_identity(type(self.model).__name__, self._text_config, self.hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length, embed_dim) embeddings, in the model's dtype and on its device."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=False)
+                 for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
+                               max_length=self.max_length)
+        output = self._backbone(input_ids=batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device),
+                                output_hidden_states=True, use_cache=False)
+        taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
+        b, n, length, d = taps.shape
+        return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
+
+    def upsample(self, prompt: str, system_message: str, *, max_new_tokens: int = 512, temperature: float = 0.15,
+                 seed: int = 0) -> str:
+        messages = [{"role": "system", "content": system_message}, {"role": "user", "content": prompt}]
+        return generate_text(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, enable_thinking=False)
+
+    def to(self, device) -> Qwen3PromptEncoder:
+        self.model.to(device)
+        return self
+
+
+def _check_layers(config, config_file: str | None) -> None:
+    needed = max(Qwen3PromptEncoder.hidden_layers)
+    if config.num_hidden_layers < needed:
+        raise CheckpointError(
+            f"the text encoder has {config.num_hidden_layers} hidden layers; FLUX.2 klein taps layers "
+            f"{list(Qwen3PromptEncoder.hidden_layers)}, so it needs at least {needed}",
+            file=config_file, key="num_hidden_layers",
+        )
