@@ -78,13 +78,17 @@ def test_depth_from_config_feeds_the_control_channels(tmp_path_factory, host):
 
 
 def test_missing_estimator_file_names_the_option(tmp_path, host):
-    config = api.parse_config({"model": {"family": "flex2", "path": str(tmp_path)},
-                               "conditioners": [{"name": "control", "pose_model": "nowhere.onnx"}]})
-    with pytest.raises(ConfigError, match="control: pose_model 'nowhere.onnx' does not exist") as err:
-        from fluxframe.core.pipeline import build_conditioners
+    """Relative model paths resolve against the config file's folder, as every path in a config does."""
+    from fluxframe.core.pipeline import build_conditioners
 
+    (tmp_path / "deploy.toml").write_text(f'[model]\nfamily = "flex2"\npath = "{tmp_path}"\n'
+                                          '[[conditioners]]\nname = "control"\npose_model = "nowhere.onnx"\n')
+    config = api.load_config(tmp_path / "deploy.toml")
+    with pytest.raises(ConfigError, match=f"control: pose_model '{tmp_path / 'nowhere.onnx'}' does not exist") as err:
         build_conditioners(config, host)
     assert err.value.key == "conditioners.0"
+    (tmp_path / "nowhere.onnx").write_bytes(b"")  # found beside the config, whatever the working directory
+    assert build_conditioners(config, host)["control"].models["pose"] == tmp_path / "nowhere.onnx"
 
 
 def test_kinds():

@@ -64,14 +64,17 @@ class ControlConditioner(Conditioner):
     families = ("flex2",)
 
     def __init__(self, kind: str = "map", strength: float = 1.0, stop: float = 1.0, depth_model: str | None = None,
-                 pose_model: str | None = None, line_low: int = 100, line_high: int = 200, posterior: str = "mode"):
+                 pose_model: str | None = None, line_low: int = 100, line_high: int = 200, posterior: str = "mode",
+                 base_dir: Path | None = None):
         self.kind = self._check_kind(kind, ValueError)
         self.strength, self.stop = check_strength(strength), check_stop(stop)
         self.posterior = check_posterior(self.name, posterior)
-        self.models = {"depth": depth_model, "pose": pose_model}
+        # relative model paths resolve against the config file's folder, like every path in a config
+        self.models = {k: None if p is None else (Path(base_dir or ".") / Path(p).expanduser())
+                       for k, p in (("depth", depth_model), ("pose", pose_model))}
         for key, path in self.models.items():
-            if path is not None and not Path(path).expanduser().is_file():
-                raise ValueError(f"control: {key}_model {path!r} does not exist")
+            if path is not None and not path.is_file():
+                raise ValueError(f"control: {key}_model {str(path)!r} does not exist")
         self.preprocessors = {"map": PREPROCESSORS["map"](), "line": PREPROCESSORS["line"](line_low, line_high)}
 
     @staticmethod

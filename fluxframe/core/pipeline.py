@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import logging
 import secrets
@@ -96,8 +97,13 @@ def build_postprocessors(config: Config, host: PluginHost) -> list[Postprocessor
     return sorted(posts, key=lambda p: p.order)
 
 
-def instantiate(factory: Any, options: dict[str, Any], *, key: str, source: str) -> Any:
-    """Call a plugin factory with its config options; a bad option is a ConfigError naming the key."""
+def instantiate(factory: Any, options: dict[str, Any], *, key: str, source: str, base_dir: Path | None = None) -> Any:
+    """Call a plugin factory with its config options; a bad option is a ConfigError naming the key.
+
+    A factory that declares a ``base_dir`` parameter receives the config file's folder, to resolve
+    relative paths among its options as the rest of the config does."""
+    if base_dir is not None and "base_dir" in _parameters(factory):
+        options = {**options, "base_dir": base_dir}
     try:
         return factory(**options)
     except (ConfigError, SafetyError, ProvenanceError):
@@ -106,9 +112,17 @@ def instantiate(factory: Any, options: dict[str, Any], *, key: str, source: str)
         raise ConfigError(str(exc), path=source, key=key) from None
 
 
+def _parameters(factory: Any) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def build_conditioner(config: Config, host: PluginHost, name: str, family: str, options: dict[str, Any],
                       key: str) -> Conditioner:
-    conditioner = instantiate(host.get("conditioner", name).factory, options, key=key, source=config.source)
+    conditioner = instantiate(host.get("conditioner", name).factory, options, key=key, source=config.source,
+                              base_dir=config.base_dir)
     if conditioner.families and family not in conditioner.families:
         raise ConfigError(
             f"conditioner {name!r} works with model families {', '.join(conditioner.families)}, "
