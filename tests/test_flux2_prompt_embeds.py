@@ -60,6 +60,7 @@ def test_embeddings_file_gives_the_same_image_without_loading_the_text_encoder(k
     assert pipeline.stages.model._text_encoder is None  # never loaded
     assert result.prompt == "a red circle"  # the stored text, also what the audit record hashes
     assert result.audit["prompt_sha256"] == hashlib.sha256(b"a red circle").hexdigest()
+    assert result.audit["prompt_embeds_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert ("prompt", "a red circle") in Words.seen and ("negative_prompt", "green") in Words.seen
     direct = pipeline.generate(api.GenerationRequest(prompt="a red circle", negative_prompt="green", seed=2),
                                write=False)

@@ -278,6 +278,8 @@ class Pipeline:
             "prompt_sha256": _sha256(request.prompt) if request.prompt is not None else None,
             "negative_prompt_sha256": _sha256(request.negative_prompt) if request.negative_prompt else None,
             "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in inputs],
+            "prompt_embeds_sha256": (_sha256(Path(request.prompt_embeds).read_bytes())
+                                     if request.prompt_embeds is not None else None),
             "config_sha256": self.config_hash,
             "checkpoint": self.stages.model.checkpoint_id,
             "settings": settings,
