@@ -19,11 +19,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.images import open_image
 from fluxframe.core.interfaces import Conditioner
 from fluxframe.errors import RequestError
 
 from .inpaint import check_posterior, posterior_generator
-from .preprocess import PREPROCESSORS, fit, open_image, rgb_tensor
+from .preprocess import PREPROCESSORS, fit, rgb_tensor
 
 FIELD = "conditioning.control"
 SEED_OFFSET = 0xC0271

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fluxframe.core.images import open_image
 from fluxframe.core.interfaces import Conditioner
 from fluxframe.errors import RequestError
 
-from .preprocess import fit, open_image, rgb_tensor
+from .preprocess import fit, rgb_tensor
 
 log = logging.getLogger("fluxframe.conditioning.inpaint")
 FIELD = "conditioning.inpaint"

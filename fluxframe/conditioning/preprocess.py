@@ -19,31 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fluxframe.errors import RequestError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def open_image(item: Any, where: str):
-    """A path or PIL image -> a fully loaded PIL image, or a RequestError naming the input."""
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item
-    if not isinstance(item, (str, Path)):
-        raise RequestError(f"must be an image file path or a PIL image, got {type(item).__name__}", field=where)
-    try:
-        with Image.open(item) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise RequestError(f"{item}: no such file", field=where) from None
-    except Image.DecompressionBombError as exc:
-        raise RequestError(f"{item}: refused, too many pixels ({exc})", field=where) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"{item}: not a readable image ({exc})", field=where) from None
 
 
 def rgb_tensor(image):

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.images import open_image
 from fluxframe.core.interfaces import Conditioner
 from fluxframe.errors import RequestError
 
@@ -39,26 +40,6 @@ MIN_SIDE = 64
 MAX_ASPECT = 8.0
 TIME_OFFSET = 10  # reference i gets t = TIME_OFFSET·(i+1)
 FIELD = "conditioning.reference"
-
-
-def _open(item: Any, where: str):
-    """A path or PIL image -> a fully loaded PIL image, or a RequestError naming the input."""
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item
-    if not isinstance(item, (str, Path)):
-        raise RequestError(f"must be an image file path or a PIL image, got {type(item).__name__}", field=where)
-    try:
-        with Image.open(item) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise RequestError(f"{item}: no such file", field=where) from None
-    except Image.DecompressionBombError as exc:
-        raise RequestError(f"{item}: refused, too many pixels ({exc})", field=where) from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
-        raise RequestError(f"{item}: not a readable image ({exc})", field=where) from None
 
 
 def prepare_reference(image, multiple: int, where: str = FIELD):
@@ -117,7 +98,7 @@ class ReferenceConditioner(Conditioner):
         if len(items) > limit:
             raise RequestError(f"{len(items)} reference images given, at most {limit} are supported",
                                field=f"{FIELD}.images")
-        return [prepare_reference(_open(item, f"{FIELD}.images[{i}]"), multiple, f"{FIELD}.images[{i}]")
+        return [prepare_reference(open_image(item, f"{FIELD}.images[{i}]"), multiple, f"{FIELD}.images[{i}]")
                 for i, item in enumerate(items)]
 
     def input_images(self, inputs: dict[str, Any]) -> list:

@@ -6,12 +6,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fluxframe.errors import OutputError
+from fluxframe.errors import OutputError, RequestError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -57,3 +58,21 @@ def write_atomic(image: Image.Image, path: Path, fmt: str, finish: Callable[[Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_image(item: Any, where: str):
+    """A path or PIL image -> a fully loaded PIL image, or a RequestError naming the input."""
+    if isinstance(item, Image.Image):
+        return item
+    if not isinstance(item, (str, Path)):
+        raise RequestError(f"must be an image file path or a PIL image, got {type(item).__name__}", field=where)
+    try:
+        with Image.open(item) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise RequestError(f"{item}: no such file", field=where) from None
+    except Image.DecompressionBombError as exc:
+        raise RequestError(f"{item}: refused, too many pixels ({exc})", field=where) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RequestError(f"{item}: not a readable image ({exc})", field=where) from None
