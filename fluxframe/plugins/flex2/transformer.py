@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluxframe.errors import CheckpointError
-from fluxframe.plugins.flux2.transformer import QKNorm, _attention, _modulate, rope_table, timestep_embedding
+from fluxframe.plugins.flux2.transformer import (
+    QKNorm,
+    TransformerConfig,
+    _attention,
+    _modulate,
+    config_from_dict,
+    rope_table,
+    timestep_embedding,
+)
 
 EPS = 1e-6
 
@@ -39,28 +47,12 @@ class Flux1Config:
     mlp_ratio: float = 4.0
     rope_theta: int = 10000
 
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
+    hidden_size = TransformerConfig.hidden_size
+    output_channels = TransformerConfig.output_channels
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> Flux1Config:
-        known = {f.name for f in fields(cls)}
-        values = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key not in known:
-                raise CheckpointError("unknown Flux.1 transformer setting; is this a Flux.1/Flex.2 checkpoint?",
-                                      file=source, key=key)
-            values[key] = tuple(value) if isinstance(value, list) else value
-        config = cls(**values)
-        if config.patch_size != 1:
-            raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
+        config = config_from_dict(cls, d, source=source, what="Flux.1/Flex.2")
         if sum(config.axes_dims_rope) != config.attention_head_dim or len(config.axes_dims_rope) != 3:
             raise CheckpointError(f"RoPE axes {config.axes_dims_rope} must be three that add up to the head dim "
                                   f"{config.attention_head_dim}", file=source, key="axes_dims_rope")

@@ -18,6 +18,24 @@ from torch import nn
 from fluxframe.errors import CheckpointError
 
 
+def config_from_dict(cls, d: dict, *, source: str, what: str):
+    """A transformer config dataclass from a diffusers config.json: "_" keys skipped, lists made tuples,
+    an unknown key a CheckpointError naming it (a setting we ignored could change the math)."""
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in d.items():
+        if key.startswith("_"):
+            continue
+        if key not in known:
+            raise CheckpointError(f"unknown {what} transformer setting; is this a {what} checkpoint?",
+                                  file=source, key=key)
+        values[key] = tuple(value) if isinstance(value, list) else value
+    config = cls(**values)
+    if config.patch_size != 1:
+        raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
+    return config
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """Shape of a FLUX.2 DiT. Field names follow diffusers' ``transformer/config.json``."""
@@ -47,19 +65,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> TransformerConfig:
-        known = {f.name for f in fields(cls)}
-        values = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key not in known:
-                raise CheckpointError(
-                    "unknown FLUX.2 transformer setting; is this a FLUX.2 checkpoint?", file=source, key=key
-                )
-            values[key] = tuple(value) if isinstance(value, list) else value
-        config = cls(**values)
-        if config.patch_size != 1:
-            raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
+        config = config_from_dict(cls, d, source=source, what="FLUX.2")
         if sum(config.axes_dims_rope) != config.attention_head_dim:
             raise CheckpointError(
                 f"RoPE axes {config.axes_dims_rope} do not add up to the head dim {config.attention_head_dim}",
