@@ -5,7 +5,8 @@ filter or postprocessor lives in a plugin and reaches the core through a ``regis
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -227,3 +228,12 @@ class MemoryStrategy(ABC):
 
     def after_use(self, component: str, module: Any, device: Any) -> None:
         """Called after a component ran (e.g. move it back to the CPU)."""
+
+    @contextmanager
+    def using(self, component: str, module: Any, device: Any) -> Iterator[Any]:
+        """``with memory.using("vae", vae, device):`` brackets one use of a component."""
+        self.before_use(component, module, device)
+        try:
+            yield module
+        finally:
+            self.after_use(component, module, device)

@@ -239,11 +239,8 @@ class Flex2(ModelFamily):
 
     def encode_prompts(self, prompts: list[str]) -> Flux1Text:
         encoder = self.text_encoder
-        self.memory.before_use("text_encoder", encoder, self.device)
-        try:
+        with self.memory.using("text_encoder", encoder, self.device):
             embeds, pooled = encoder.encode(prompts)
-        finally:
-            self.memory.after_use("text_encoder", encoder, self.device)
         return Flux1Text(embeds=embeds.to(self.device, self.dtype), ids=text_ids(embeds.shape[1]),
                          pooled=pooled.to(self.device, self.dtype))
 
@@ -297,22 +294,16 @@ class Flex2(ModelFamily):
         if pooled is None:
             raise RequestError("the flex2 family needs CLIP pooled embeddings with the prompt embeddings",
                                field="prompt")
-        self.memory.before_use("transformer", self.transformer, self.device)
-        try:
+        with self.memory.using("transformer", self.transformer, self.device):
             return self.transformer(tokens, latent_ids.to(self.device), text.embeds, text.ids.to(self.device),
                                     pooled.expand(batch, -1), t,
                                     g if self.transformer.guidance_in is not None else None)
-        finally:
-            self.memory.after_use("transformer", self.transformer, self.device)
 
     def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, 16, H/8, W/8), unpacked (conditioners mask
         them at latent resolution). ``generator`` samples the posterior; without one, its mean is used."""
-        self.memory.before_use("vae", self.vae, self.device)
-        try:
+        with self.memory.using("vae", self.vae, self.device):
             return self.vae.encode(images.to(self.device, self.dtype), generator)
-        finally:
-            self.memory.after_use("vae", self.vae, self.device)
 
     def encode_image(self, images: torch.Tensor) -> Latents:
         latents = self.encode_latents(images)
@@ -320,8 +311,5 @@ class Flex2(ModelFamily):
         return Latents(tokens=pack(latents), ids=image_ids(*grid), grid=grid)
 
     def decode(self, latents: Latents) -> torch.Tensor:
-        self.memory.before_use("vae", self.vae, self.device)
-        try:
+        with self.memory.using("vae", self.vae, self.device):
             return self.vae.decode(unpack(latents.tokens.to(self.dtype), latents.grid))
-        finally:
-            self.memory.after_use("vae", self.vae, self.device)

@@ -273,11 +273,8 @@ class Flux2(ModelFamily):
 
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         encoder = self.text_encoder
-        self.memory.before_use("text_encoder", encoder, self.device)
-        try:
+        with self.memory.using("text_encoder", encoder, self.device):
             embeds = encoder.encode(prompts)
-        finally:
-            self.memory.after_use("text_encoder", encoder, self.device)
         return TextConditioning(embeds=embeds.to(self.device, self.dtype), ids=text_ids(embeds.shape[1]))
 
     def true_cfg(self, guidance: float) -> bool:
@@ -287,12 +284,9 @@ class Flux2(ModelFamily):
         from .text_encoder import UPSAMPLING_SYSTEM_MESSAGE
 
         encoder = self.text_encoder
-        self.memory.before_use("text_encoder", encoder, self.device)
-        try:
+        with self.memory.using("text_encoder", encoder, self.device):
             return encoder.upsample(prompt, UPSAMPLING_SYSTEM_MESSAGE, max_new_tokens=self.upsample_max_tokens,
                                     temperature=self.upsample_temperature, seed=seed)
-        finally:
-            self.memory.after_use("text_encoder", encoder, self.device)
 
     def load_prompt_embeds(self, path: Path):
         from fluxframe.core import embeddings
@@ -351,30 +345,21 @@ class Flux2(ModelFamily):
         batch = tokens.shape[0]
         t = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
         g = torch.full((batch,), float(guidance), device=self.device, dtype=torch.float32)
-        self.memory.before_use("transformer", self.transformer, self.device)
-        try:
+        with self.memory.using("transformer", self.transformer, self.device):
             out = self.transformer(tokens, ids.to(self.device), text.embeds, text.ids.to(self.device), t,
                                    g if self.embedded_guidance else None)
             if text.negative is not None:  # true CFG, two passes as Flux2KleinPipeline runs it
                 neg = self.transformer(tokens, ids.to(self.device), text.negative.embeds,
                                        text.negative.ids.to(self.device), t, None)
                 out = neg + guidance * (out - neg)
-        finally:
-            self.memory.after_use("transformer", self.transformer, self.device)
         return out[:, : latents.shape[1]]
 
     def encode_image(self, images: torch.Tensor) -> Latents:
-        self.memory.before_use("vae", self.vae, self.device)
-        try:
+        with self.memory.using("vae", self.vae, self.device):
             latents = self.vae.encode(images.to(self.device, self.dtype))
-        finally:
-            self.memory.after_use("vae", self.vae, self.device)
         grid = tuple(latents.shape[-2:])
         return Latents(tokens=pack(latents), ids=image_ids(*grid), grid=grid)
 
     def decode(self, latents: Latents) -> torch.Tensor:
-        self.memory.before_use("vae", self.vae, self.device)
-        try:
+        with self.memory.using("vae", self.vae, self.device):
             return self.vae.decode(unpack(latents.tokens.to(self.dtype), latents.grid))
-        finally:
-            self.memory.after_use("vae", self.vae, self.device)
