@@ -242,3 +242,42 @@ def test_every_input_image_is_checked_and_hashed_in_the_audit(tmp_path, host):
     assert [i["role"] for i in blocked["inputs"]] == ["passthrough[0]", "passthrough[1]"]
     assert blocked["inputs"][0]["sha256"] == allowed["inputs"][0]["sha256"]
     assert blocked["action"] == "block" and blocked["output"] is None
+
+
+def test_a_conditioner_named_by_one_request_is_not_applied_to_the_next(tmp_path, host):
+    class Plugin:
+        @hookimpl
+        def register_conditioners(self, register):
+            register("passthrough", PassThroughReference)
+
+    host.add(Plugin(), name="input-plugin")
+    red = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(red)
+    pipeline = api.load(config(tmp_path, {}), host=host)
+    with_ref = pipeline.generate(api.GenerationRequest(prompt="x", seed=1,
+                                                       conditioning={"passthrough": {"images": [red]}}))
+    plain = pipeline.generate(api.GenerationRequest(prompt="x", seed=1))
+    first, second = audit_lines(tmp_path)
+    assert [i["role"] for i in first["inputs"]] == ["passthrough[0]"] and second["inputs"] == []
+    assert with_ref.path != plain.path
+
+
+def test_a_request_failing_after_the_filters_is_audited_as_an_error(tmp_path, host):
+    from fluxframe.errors import RequestError
+
+    class Plugin:
+        @hookimpl
+        def register_conditioners(self, register):
+            register("passthrough", PassThroughReference)
+
+    host.add(Plugin(), name="input-plugin")
+    pipeline = api.load(config(tmp_path, {"require": ["prompt-nsfw"]}), host=host)
+    with pytest.raises(RequestError):
+        pipeline.generate(api.GenerationRequest(prompt="x", seed=1, width=40))  # not a multiple of 16
+    with pytest.raises(FileNotFoundError):  # not a fluxframe error (the test conditioner's bug): audited too
+        pipeline.generate(api.GenerationRequest(prompt="x", seed=1,
+                                                conditioning={"passthrough": {"images": [tmp_path / "none.png"]}}))
+    first, second = audit_lines(tmp_path)
+    assert first["action"] == "error" and "multiple of 16" in first["reasons"][0] and first["output"] is None
+    assert second["action"] == "error" and second["reasons"][0].startswith("FileNotFoundError")
+    assert not (tmp_path / "out").exists()

@@ -179,6 +179,7 @@ class Pipeline:
         self.stages = stages
         self.host = host
         self.config_hash = _config_hash(config)
+        self._on_demand: dict[str, Conditioner] = {}
 
     @classmethod
     def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
@@ -249,11 +250,19 @@ class Pipeline:
                 raise RequestError(f"must be between {limits.min_size} and {limits.max_size}, got {value}", field=key)
             if value % limits.pixel_multiple:
                 raise RequestError(f"must be a multiple of {limits.pixel_multiple}, got {value}", field=key)
-        for name in request.conditioning:
-            if name not in self.stages.conditioners:  # asked for per request: enable it with its defaults
-                self.stages.conditioners[name] = build_conditioner(
-                    self.config, self.host, name, self.stages.model.name, {}, key=f"request.conditioning.{name}")
         return settings
+
+    def _conditioners(self, request: GenerationRequest) -> dict[str, Conditioner]:
+        """The configured conditioners, plus those this request names, enabled with their defaults for
+        this request only (built once, then reused)."""
+        active = dict(self.stages.conditioners)
+        for name in request.conditioning:
+            if name not in active:
+                if name not in self._on_demand:
+                    self._on_demand[name] = build_conditioner(
+                        self.config, self.host, name, self.stages.model.name, {}, key=f"request.conditioning.{name}")
+                active[name] = self._on_demand[name]
+        return active
 
     def output_path(self, request: GenerationRequest) -> Path:
         if request.output is not None:
@@ -262,9 +271,9 @@ class Pipeline:
         name = self.config.output.name.format(request_id=request.request_id)
         return self.config.output_dir / f"{name}.{'jpg' if fmt == 'jpeg' else fmt}"
 
-    def _input_images(self, request: GenerationRequest) -> list[tuple[str, Any]]:
+    def _input_images(self, request: GenerationRequest, conditioners) -> list[tuple[str, Any]]:
         images = []
-        for name, conditioner in self.stages.conditioners.items():
+        for name, conditioner in conditioners.items():
             for i, image in enumerate(conditioner.input_images(request.conditioning.get(name, {}))):
                 images.append((f"{name}[{i}]", image))
         return images
@@ -305,118 +314,125 @@ class Pipeline:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         model, stages, policy = self.stages.model, self.stages, self.stages.policy
-        settings = self._settings(request)
+        settings: dict[str, Any] | None = None
+        inputs: list[tuple[str, Any]] = []
         verdicts: list[Any] = []
+        record = None  # set once this request's audit line is written
+        try:
+            settings = self._settings(request)
 
-        t0 = time.perf_counter()
-        # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
-        prompt, negative, text = request.prompt, request.negative_prompt, None
-        if request.prompt_embeds is not None:  # read first: the filters check the text the embeddings were made of
-            text, prompt, negative = model.load_prompt_embeds(Path(request.prompt_embeds))
-            # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
-            request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
-        prompts = {"prompt": prompt}
-        if negative is not None:
-            prompts["negative_prompt"] = negative
-        decision = policy.check_prompts(prompts)
-        verdicts += decision.verdicts
-        inputs = self._input_images(request)
-        if decision.allowed and inputs:
-            decision = policy.check_input_images(inputs)
-            verdicts += decision.verdicts
-        timings["input_filters"] = time.perf_counter() - t0
-        if not decision.allowed:
-            raise self._block(request, settings, inputs, verdicts, decision)
-
-        upsampled = None
-        if request.upsample_prompt:  # the rewrite is a new prompt: it passes the prompt filters too
             t0 = time.perf_counter()
-            upsampled = model.upsample_prompt(prompt, settings["seed"])
-            timings["prompt_upsampling"] = time.perf_counter() - t0
-            decision = policy.check_prompts({"upsampled_prompt": upsampled})
+            # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
+            prompt, negative, text = request.prompt, request.negative_prompt, None
+            if request.prompt_embeds is not None:  # read first: the filters check the text the embeddings were made of
+                text, prompt, negative = model.load_prompt_embeds(Path(request.prompt_embeds))
+                # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
+                request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
+            prompts = {"prompt": prompt}
+            if negative is not None:
+                prompts["negative_prompt"] = negative
+            decision = policy.check_prompts(prompts)
             verdicts += decision.verdicts
+            conditioners = self._conditioners(request)
+            inputs = self._input_images(request, conditioners)
+            if decision.allowed and inputs:
+                decision = policy.check_input_images(inputs)
+                verdicts += decision.verdicts
+            timings["input_filters"] = time.perf_counter() - t0
             if not decision.allowed:
                 raise self._block(request, settings, inputs, verdicts, decision)
 
-        with torch.inference_mode():
+            upsampled = None
+            if request.upsample_prompt:  # the rewrite is a new prompt: it passes the prompt filters too
+                t0 = time.perf_counter()
+                upsampled = model.upsample_prompt(prompt, settings["seed"])
+                timings["prompt_upsampling"] = time.perf_counter() - t0
+                decision = policy.check_prompts({"upsampled_prompt": upsampled})
+                verdicts += decision.verdicts
+                if not decision.allowed:
+                    raise self._block(request, settings, inputs, verdicts, decision)
+
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                cfg = model.true_cfg(settings["guidance"])
+                if text is None:
+                    text = model.encode_prompts([upsampled if upsampled is not None else prompt])
+                    if cfg:  # like diffusers' Flux2KleinPipeline: an empty negative prompt unless one is given
+                        text.negative = model.encode_prompts([negative or ""])
+                elif cfg and text.negative is None:
+                    raise RequestError(f"{request.prompt_embeds}: has no negative_prompt_embeds, which true guidance at "
+                                       f"{settings['guidance']} needs (encode with this config)", field="prompt_embeds")
+                elif not cfg and text.negative is not None:
+                    log.warning("%s: negative_prompt_embeds unused: no true guidance at guidance %s",
+                                request.prompt_embeds, settings["guidance"])
+                    text.negative = None
+                timings["text_encoding"] = time.perf_counter() - t0
+
+                conditioning = Conditioning()
+                resolved = dataclasses.replace(request, **settings)  # conditioners see this run's size, seed, steps
+                for name, conditioner in conditioners.items():
+                    conditioner.prepare(model, resolved, request.conditioning.get(name, {}), conditioning)
+
+                latents = model.initial_noise(settings["seed"], settings["width"], settings["height"])
+                sigmas = model.sigmas(settings["steps"], latents.tokens.shape[1])
+
+                def velocity(x, sigma, step):
+                    for hook in conditioning.step_hooks:
+                        hook(step, settings["steps"], conditioning)
+                    return model.predict(x, latents.ids, sigma, text, conditioning, settings["guidance"])
+
+                t0 = time.perf_counter()
+                latents.tokens = stages.sampler.sample(latents.tokens, sigmas, velocity, progress)
+                timings["denoising"] = time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                image = to_pil(model.decode(latents))[0]
+                timings["decoding"] = time.perf_counter() - t0
+
             t0 = time.perf_counter()
-            cfg = model.true_cfg(settings["guidance"])
-            if text is None:
-                text = model.encode_prompts([upsampled if upsampled is not None else prompt])
-                if cfg:  # like diffusers' Flux2KleinPipeline: an empty negative prompt unless one is given
-                    text.negative = model.encode_prompts([negative or ""])
-            elif cfg and text.negative is None:
-                raise RequestError(f"{request.prompt_embeds}: has no negative_prompt_embeds, which true guidance at "
-                                   f"{settings['guidance']} needs (encode with this config)", field="prompt_embeds")
-            elif not cfg and text.negative is not None:
-                log.warning("%s: negative_prompt_embeds unused: no true guidance at guidance %s",
-                            request.prompt_embeds, settings["guidance"])
-                text.negative = None
-            timings["text_encoding"] = time.perf_counter() - t0
+            decision = policy.check_output(image)
+            verdicts += decision.verdicts
+            timings["output_filters"] = time.perf_counter() - t0
+            if not decision.allowed:
+                raise self._block(request, settings, inputs, verdicts, decision)
+            if decision.action == "blur":
+                image = decision.image
 
-            conditioning = Conditioning()
-            resolved = dataclasses.replace(request, **settings)  # conditioners see this run's size, seed, steps
-            for name, conditioner in stages.conditioners.items():
-                conditioner.prepare(model, resolved, request.conditioning.get(name, {}), conditioning)
-
-            latents = model.initial_noise(settings["seed"], settings["width"], settings["height"])
-            sigmas = model.sigmas(settings["steps"], latents.tokens.shape[1])
-
-            def velocity(x, sigma, step):
-                for hook in conditioning.step_hooks:
-                    hook(step, settings["steps"], conditioning)
-                return model.predict(x, latents.ids, sigma, text, conditioning, settings["guidance"])
-
+            context = OutputContext(request=request, model=model.describe(), config=self.config, verdicts=verdicts)
             t0 = time.perf_counter()
-            latents.tokens = stages.sampler.sample(latents.tokens, sigmas, velocity, progress)
-            timings["denoising"] = time.perf_counter() - t0
+            for post in stages.postprocessors:
+                image = post.process_image(image, context)
 
-            t0 = time.perf_counter()
-            image = to_pil(model.decode(latents))[0]
-            timings["decoding"] = time.perf_counter() - t0
+            path = None
+            if write:
+                path = self.output_path(request)
+                fmt = format_for(path, self.config.output.format)
 
-        t0 = time.perf_counter()
-        decision = policy.check_output(image)
-        verdicts += decision.verdicts
-        timings["output_filters"] = time.perf_counter() - t0
-        if not decision.allowed:
-            raise self._block(request, settings, inputs, verdicts, decision)
-        if decision.action == "blur":
-            image = decision.image
+                def finish(tmp: Path) -> None:
+                    nonlocal record
+                    for post in stages.postprocessors:
+                        post.process_file(tmp, MEDIA_TYPES[fmt], context)
+                    output = {"path": str(path.resolve()), "sha256": _sha256(tmp.read_bytes()), "format": fmt}
+                    record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
 
-        context = OutputContext(request=request, model=model.describe(), config=self.config, verdicts=verdicts)
-        t0 = time.perf_counter()
-        for post in stages.postprocessors:
-            image = post.process_image(image, context)
-
-        path = None
-        record = None
-        if write:
-            path = self.output_path(request)
-            fmt = format_for(path, self.config.output.format)
-
-            def finish(tmp: Path) -> None:
-                nonlocal record
-                for post in stages.postprocessors:
-                    post.process_file(tmp, MEDIA_TYPES[fmt], context)
-                output = {"path": str(path.resolve()), "sha256": _sha256(tmp.read_bytes()), "format": fmt}
-                record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
-
-            try:
                 write_atomic(image, path, fmt, finish)
-            except FluxframeError as exc:  # e.g. signing failed: nothing was written, and the log says why
-                if record is None:
-                    self._audit(request, settings, inputs, verdicts, "error", [str(exc)])
-                raise
-        else:  # handed to the caller in memory: released all the same, so recorded all the same
-            record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
-        timings["postprocessing"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - started
+            else:  # handed to the caller in memory: released all the same, so recorded all the same
+                record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
+            timings["postprocessing"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - started
 
-        return GenerationResult(
-            request_id=request.request_id, image=image, path=path, prompt=prompt, upsampled_prompt=upsampled,
-            model_family=model.name, timings=timings, latents=latents.tokens, verdicts=verdicts,
-            notes=[_note(name, rec) for name, rec in context.records.items()]
-            + [note for rec in conditioning.info.values() if isinstance(rec, dict) for note in rec.get("notes", [])],
-            audit=record, **settings,
-        )
+            return GenerationResult(
+                request_id=request.request_id, image=image, path=path, prompt=prompt, upsampled_prompt=upsampled,
+                model_family=model.name, timings=timings, latents=latents.tokens, verdicts=verdicts,
+                notes=[_note(name, rec) for name, rec in context.records.items()]
+                + [note for rec in conditioning.info.values() if isinstance(rec, dict)
+                   for note in rec.get("notes", [])],
+                audit=record, **settings,
+            )
+        except Blocked:  # already audited, with the verdicts
+            raise
+        except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was written
+            if record is None:
+                reason = str(exc) if isinstance(exc, FluxframeError) else f"{type(exc).__name__}: {exc}"
+                self._audit(request, settings, inputs, verdicts, "error", [reason])
+            raise
