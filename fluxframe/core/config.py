@@ -77,8 +77,32 @@ class PluginsSection(_Section):
     require: list[str] = []
 
 
-class MemorySection(_Section):
-    strategy: str = "none"
+class MemorySection(BaseModel):
+    """[memory]: ``strategy`` is one name, a list of names or names joined by "+" (composed); a table named
+    after a selected strategy holds its options (``[memory.group-offload] blocks_per_group = 2``), checked by
+    the strategy's factory."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    strategy: str | list[str] = "none"
+
+    @field_validator("strategy")
+    @classmethod
+    def _names(cls, value: str | list[str]) -> str | list[str]:
+        names = value.split("+") if isinstance(value, str) else value
+        if not names or any(not n.strip() for n in names):
+            raise ValueError("name at least one strategy, and no empty names")
+        if len({n.strip() for n in names}) != len(names):
+            raise ValueError("a strategy is listed twice")
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        names = self.strategy.split("+") if isinstance(self.strategy, str) else self.strategy
+        return [n.strip() for n in names]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class FilterSettings(BaseModel):

@@ -215,9 +215,26 @@ class Filter(ABC):
 
 
 class MemoryStrategy(ABC):
-    """Decides where weights live and when they move."""
+    """Decides where weights live and when they move.
+
+    A *placement* strategy (``placement = True``) decides where the weights of the components it ``handles``
+    live; a non-placement one (e.g. ``vae-tiling``) only changes how a component runs and leaves its weights
+    where a placement strategy put them. Strategies compose (``[memory] strategy = ["group-offload",
+    "vae-tiling"]``) through ``ComposedStrategy``.
+    """
 
     name: ClassVar[str]
+    placement: ClassVar[bool] = True
+
+    def handles(self, component: str) -> bool:
+        """Whether this strategy places ``component`` when it is composed with others (standalone, a strategy
+        places every component it is given)."""
+        return True
+
+    def load_device(self, component: str, device: Any) -> Any:
+        """Where a model family should load ``component``'s weights before ``place`` (an offloading strategy
+        says the CPU, so the weights never pass through the accelerator's memory)."""
+        return device
 
     @abstractmethod
     def place(self, component: str, module: Any, device: Any) -> Any:
@@ -237,3 +254,51 @@ class MemoryStrategy(ABC):
             yield module
         finally:
             self.after_use(component, module, device)
+
+
+#: The components the built-in model families place and use.
+COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+class ComposedStrategy(MemoryStrategy):
+    """Several strategies at once. Each component is placed by the first placement strategy in the list that
+    ``handles`` it (none handling it: kept on the device, as ``none`` does); then every non-placement strategy
+    wraps it, in list order. ``before_use`` runs in list order, ``after_use`` in reverse."""
+
+    name = "composed"
+
+    def __init__(self, strategies: list[MemoryStrategy]):
+        placers = [s for s in strategies if s.placement]
+        for i, strategy in enumerate(placers):
+            if not any(strategy.handles(c) and not any(p.handles(c) for p in placers[:i]) for c in COMPONENTS):
+                raise ValueError(f"memory strategy {strategy.name!r} would place nothing: every component it "
+                                 f"handles is placed by a strategy listed before it")
+        self.strategies = list(strategies)
+        self.name = "+".join(s.name for s in strategies)
+
+    def _placer(self, component: str) -> MemoryStrategy | None:
+        return next((s for s in self.strategies if s.placement and s.handles(component)), None)
+
+    def _involved(self, component: str) -> list[MemoryStrategy]:
+        placer = self._placer(component)
+        return [s for s in self.strategies if s is placer or not s.placement]
+
+    def load_device(self, component, device):
+        placer = self._placer(component)
+        return device if placer is None else placer.load_device(component, device)
+
+    def place(self, component, module, device):
+        placer = self._placer(component)
+        module = module.to(device) if placer is None else placer.place(component, module, device)
+        for strategy in self.strategies:
+            if not strategy.placement:
+                module = strategy.place(component, module, device)
+        return module
+
+    def before_use(self, component, module, device):
+        for strategy in self._involved(component):
+            strategy.before_use(component, module, device)
+
+    def after_use(self, component, module, device):
+        for strategy in reversed(self._involved(component)):
+            strategy.after_use(component, module, device)

@@ -26,7 +26,15 @@ from typing import Any
 
 from fluxframe import __version__
 from fluxframe.core.config import Config
-from fluxframe.core.interfaces import Conditioner, ModelFamily, OutputContext, Postprocessor, Sampler
+from fluxframe.core.interfaces import (
+    ComposedStrategy,
+    Conditioner,
+    MemoryStrategy,
+    ModelFamily,
+    OutputContext,
+    Postprocessor,
+    Sampler,
+)
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, StepInfo
 from fluxframe.errors import Blocked, ConfigError, FluxframeError, ProvenanceError, RequestError, SafetyError
@@ -52,7 +60,7 @@ class Stages:
 def _check_plugins(config: Config, host: PluginHost) -> list[str]:
     family = host.get("model_family", config.model.family).factory
     host.get("sampler", config.sampler.name)
-    host.get("memory_strategy", config.memory.strategy)
+    build_memory(config, host)
     build_conditioners(config, host)
     warnings = list(family.check(config))
     if config.safety is None:
@@ -119,6 +127,39 @@ def _parameters(factory: Any) -> set[str]:
         return set()
 
 
+def build_memory(config: Config, host: PluginHost) -> MemoryStrategy:
+    """The [memory] strategy: one strategy, or several composed (see ComposedStrategy), each built with the
+    options in its [memory.NAME] table; an unknown option is a ConfigError naming its key path."""
+    section = config.memory
+    names = section.names
+    for name, options in section.options.items():
+        if name not in names:
+            raise ConfigError(f"options for memory strategy {name!r}, which `memory.strategy` does not select",
+                              path=config.source, key=f"memory.{name}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"expected a table of options for memory strategy {name!r}", path=config.source,
+                              key=f"memory.{name}")
+    strategies = []
+    for name in names:
+        factory = host.get("memory_strategy", name).factory
+        options = section.options.get(name, {})
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            for key in options:
+                if key not in params:
+                    raise ConfigError("unknown key", path=config.source, key=f"memory.{name}.{key}")
+        strategies.append(instantiate(factory, options, key=f"memory.{name}", source=config.source))
+    if len(strategies) == 1 and strategies[0].placement:
+        return strategies[0]
+    try:
+        return ComposedStrategy(strategies)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=config.source, key="memory.strategy") from None
+
+
 def build_conditioner(config: Config, host: PluginHost, name: str, family: str, options: dict[str, Any],
                       key: str) -> Conditioner:
     conditioner = instantiate(host.get("conditioner", name).factory, options, key=key, source=config.source,
@@ -144,6 +185,13 @@ def build_conditioners(config: Config, host: PluginHost) -> dict[str, Conditione
 
 def _sha256(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _file_hash(path: Path | str | None) -> str | None:
+    try:
+        return _sha256(Path(path).read_bytes()) if path is not None else None
+    except OSError:  # a missing or unreadable file: the error that follows says so
+        return None
 
 
 def _now() -> str:
@@ -202,7 +250,7 @@ class Pipeline:
                               "config_sha256": _config_hash(config), "reasons": [str(exc)]})
             raise
         postprocessors = build_postprocessors(config, host)
-        memory = host.get("memory_strategy", config.memory.strategy).factory()
+        memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
         sampler = host.get("sampler", config.sampler.name).factory()
         stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
@@ -287,8 +335,7 @@ class Pipeline:
             "prompt_sha256": _sha256(request.prompt) if request.prompt is not None else None,
             "negative_prompt_sha256": _sha256(request.negative_prompt) if request.negative_prompt else None,
             "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in inputs],
-            "prompt_embeds_sha256": (_sha256(Path(request.prompt_embeds).read_bytes())
-                                     if request.prompt_embeds is not None else None),
+            "prompt_embeds_sha256": _file_hash(request.prompt_embeds),
             "config_sha256": self.config_hash,
             "checkpoint": self.stages.model.checkpoint_id,
             "settings": settings,

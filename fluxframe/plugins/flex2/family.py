@@ -207,8 +207,9 @@ class Flex2(ModelFamily):
             raise ConfigError("the flex2 family has no presets; give `path`", path=config.source, key="model.preset")
         source, folder = locate(config.model_path)
         device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
-        transformer = memory.place("transformer", load_transformer(source, dtype, device), device)
-        vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, device), device)
+        transformer = load_transformer(source, dtype, memory.load_device("transformer", device))
+        transformer = memory.place("transformer", transformer, device)
+        vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         if vae.latent_channels * 4 != transformer.config.output_channels:
             raise CheckpointError(f"the autoencoder has {vae.latent_channels} latent channels, the transformer "
                                   f"predicts {transformer.config.output_channels} (= 4 × 16 for Flux.1)",
@@ -226,7 +227,8 @@ class Flex2(ModelFamily):
         if self._text_encoder is None:
             from .text_encoder import Flux1PromptEncoder
 
-            encoder = Flux1PromptEncoder.from_folder(self.folder, dtype=self.dtype, device=self.device)
+            encoder = Flux1PromptEncoder.from_folder(self.folder, dtype=self.dtype,
+                                                     device=self.memory.load_device("text_encoder", self.device))
             cfg = self.transformer.config
             for what, got, want, key in (("T5", encoder.embed_dim, cfg.joint_attention_dim, "joint_attention_dim"),
                                          ("CLIP", encoder.pooled_dim, cfg.pooled_projection_dim,

@@ -246,8 +246,9 @@ class Flux2(ModelFamily):
         check_folder(folder)
         device = resolve_device(config.model.device)
         dtype = DTYPES[config.model.dtype]
-        transformer = memory.place("transformer", load_transformer(folder / "transformer", dtype, device), device)
-        vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, device), device)
+        transformer = load_transformer(folder / "transformer", dtype, memory.load_device("transformer", device))
+        transformer = memory.place("transformer", transformer, device)
+        vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         return cls(folder, transformer, vae, device=device, dtype=dtype, memory=memory)
 
     @property
@@ -260,7 +261,8 @@ class Flux2(ModelFamily):
     def text_encoder(self):
         if self._text_encoder is None:
             encoder = prompt_encoder_class(self.folder).from_pretrained(
-                self.folder / "text_encoder", self.folder / "tokenizer", dtype=self.dtype, device=self.device
+                self.folder / "text_encoder", self.folder / "tokenizer", dtype=self.dtype,
+                device=self.memory.load_device("text_encoder", self.device),
             )
             if encoder.embed_dim != self.transformer.config.joint_attention_dim:
                 raise CheckpointError(

@@ -270,8 +270,9 @@ def load(family_cls, config, memory):
 
     dit, vae_file, te = paths(config)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
-    transformer = memory.place("transformer", load_transformer(dit, dtype, device), device)
-    vae = memory.place("vae", load_autoencoder(vae_file, dtype, device), device)
+    transformer = memory.place("transformer", load_transformer(dit, dtype, memory.load_device("transformer", device)),
+                               device)
+    vae = memory.place("vae", load_autoencoder(vae_file, dtype, memory.load_device("vae", device)), device)
     model = family_cls(te, transformer, vae, device=device, dtype=dtype, memory=memory)
     model._checkpoint_id = fingerprint(dit, vae_file, te / "text_encoder")
     return model

@@ -1,0 +1,36 @@
+"""Built-in memory strategies, selected by ``[memory] strategy``:
+
+- ``none``: every component on the device for the whole run.
+- ``model-offload``: components live in (pinned) CPU memory; one at a time is copied to the device when it runs.
+- ``group-offload``: the DiT's blocks stream to the device in groups, the next group prefetched on a side
+  CUDA stream while the current one computes.
+- ``vae-tiling``: the autoencoder encodes and decodes large images in overlapping, blended tiles.
+
+They compose: ``strategy = ["group-offload", "model-offload", "vae-tiling"]`` (or ``"group-offload+vae-tiling"``).
+"""
+
+from __future__ import annotations
+
+from fluxframe.core.hookspecs import hookimpl
+from fluxframe.core.interfaces import MemoryStrategy
+
+from .offload import GroupOffload, ModelOffload
+from .tiling import VaeTiling
+
+
+class KeepOnDevice(MemoryStrategy):
+    name = "none"
+
+    def place(self, component, module, device):
+        return module.to(device)
+
+
+@hookimpl(trylast=True)
+def register_memory_strategies(register):
+    register("none", KeepOnDevice)
+    register("model-offload", ModelOffload)
+    register("group-offload", GroupOffload)
+    register("vae-tiling", VaeTiling)
+
+
+__all__ = ["GroupOffload", "KeepOnDevice", "ModelOffload", "VaeTiling", "register_memory_strategies"]
