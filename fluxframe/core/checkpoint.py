@@ -1,4 +1,4 @@
-"""Model weights from safetensors checkpoints, memory-mapped, into modules built on the meta device.
+"""Model weights from safetensors checkpoints, read tensor by tensor, into modules built on the meta device.
 
 ``resolve_weight_files`` turns a diffusers component folder (sharded with an index, or not) or one file
 into the safetensors files to read; ``SafetensorsCheckpoint`` is a lazy view of their tensors;
@@ -26,6 +26,11 @@ from fluxframe.errors import CheckpointError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _INDEX_SUFFIX = ".safetensors.index.json"
 _MAX_HEADER = 100_000_000  # safetensors' own limit
+_ST_DTYPES = {  # safetensors dtype names read directly (little-endian, as the format and x86/ARM hosts are)
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 Source = str | tuple[tuple[str, ...], Callable[[list[torch.Tensor]], torch.Tensor]]
 """A model key is filled from one checkpoint key, or from several combined by a function (e.g. q, k, v cat)."""
@@ -133,9 +138,10 @@ def _end(entry: Any) -> int:
 
 
 class SafetensorsCheckpoint:
-    """Lazy, memory-mapped view of the tensors in one or more safetensors files.
+    """Lazy view of the tensors in one or more safetensors files.
 
-    Names, shapes and dtypes come from the headers; tensor data is read only by ``get``.
+    Names, shapes and dtypes come from the headers; tensor data is read only by ``get``, one tensor at a
+    time into memory of its own (never a view of the file, so the page cache is not counted in RSS twice).
     """
 
     def __init__(self, files: list[Path]):
@@ -216,8 +222,8 @@ class SafetensorsCheckpoint:
         file, handle, fh, start = self._files[i]
         if handle is None:
             raise CheckpointError("checkpoint is closed", file=str(file), key=key)
-        # The data is memory-mapped: past the end of a file truncated since it was opened, whole pages
-        # are SIGBUS (the process dies) and the rest of the last page reads as zeros, so check first.
+        # Past the end of a file truncated since it was opened, a read comes up short (and the mmap of
+        # the fallback would be SIGBUS, the process dies), so check first.
         end, size = start + entry["data_offsets"][1], os.fstat(fh.fileno()).st_size
         if size < end:
             raise CheckpointError(
@@ -226,8 +232,23 @@ class SafetensorsCheckpoint:
                 file=str(file),
                 key=key,
             )
+        dtype = _ST_DTYPES.get(entry.get("dtype"))
         try:
-            return handle.get_tensor(key)
+            if dtype is None:  # a dtype we do not map: safetensors' own reader, copied off its mmap
+                return handle.get_tensor(key).clone()
+            # Read into memory the tensor owns, not a view of safetensors' mmap: a loaded model must not
+            # depend on a file that can change or vanish, and touched mmap pages would stay resident
+            # (counted in RSS) until the checkpoint is closed, next to the copies made from them.
+            begin = start + entry["data_offsets"][0]
+            tensor = torch.empty(end - begin, dtype=torch.uint8)
+            if end > begin:
+                view, done = memoryview(tensor.numpy()), 0
+                while done < end - begin:
+                    n = os.preadv(fh.fileno(), [view[done:]], begin + done)
+                    if n <= 0:
+                        raise OSError(f"short read at byte {begin + done}")
+                    done += n
+            return tensor.view(dtype).reshape(entry["shape"])
         except Exception as e:
             raise CheckpointError(f"cannot read the tensor: {e}", file=str(file), key=key) from e
 

@@ -225,6 +225,10 @@ class MemoryStrategy(ABC):
 
     name: ClassVar[str]
     placement: ClassVar[bool] = True
+    #: A non-placement strategy that replaces a component's weights (``quantize``): composed, its ``place``
+    #: runs before the placement strategy's, so that one moves the new weights, and where no placement
+    #: strategy handles the component, its ``load_device`` says where to load it.
+    rewrites_weights: ClassVar[bool] = False
 
     def handles(self, component: str) -> bool:
         """Whether this strategy places ``component`` when it is composed with others (standalone, a strategy
@@ -263,7 +267,8 @@ COMPONENTS = ("text_encoder", "transformer", "vae")
 class ComposedStrategy(MemoryStrategy):
     """Several strategies at once. Each component is placed by the first placement strategy in the list that
     ``handles`` it (none handling it: kept on the device, as ``none`` does); then every non-placement strategy
-    wraps it, in list order. ``before_use`` runs in list order, ``after_use`` in reverse."""
+    wraps it, in list order, except those that rewrite weights, which run first. ``before_use`` runs in list
+    order, ``after_use`` in reverse."""
 
     name = "composed"
 
@@ -285,13 +290,18 @@ class ComposedStrategy(MemoryStrategy):
 
     def load_device(self, component, device):
         placer = self._placer(component)
-        return device if placer is None else placer.load_device(component, device)
+        if placer is not None:
+            return placer.load_device(component, device)
+        return next((s.load_device(component, device) for s in self.strategies if s.rewrites_weights), device)
 
     def place(self, component, module, device):
+        for strategy in self.strategies:
+            if not strategy.placement and strategy.rewrites_weights:
+                module = strategy.place(component, module, device)
         placer = self._placer(component)
         module = module.to(device) if placer is None else placer.place(component, module, device)
         for strategy in self.strategies:
-            if not strategy.placement:
+            if not strategy.placement and not strategy.rewrites_weights:
                 module = strategy.place(component, module, device)
         return module
 

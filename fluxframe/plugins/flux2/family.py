@@ -6,7 +6,7 @@ guidance embedder; model_index.json `is_distilled` true is the step-distilled mo
 false the base model (50 steps, true classifier-free guidance against a negative prompt, "" by default, at 4.0).
 
 The folder holds model_index.json, transformer/, vae/, text_encoder/, tokenizer/ and scheduler/.
-Weights stream from memory-mapped safetensors into modules built on the meta device, so a
+Weights are read tensor by tensor from safetensors into modules built on the meta device, so a
 checkpoint is never held twice. The text encoder loads on first use.
 """
 

@@ -5,6 +5,8 @@
 - ``group-offload``: the DiT's blocks stream to the device in groups, the next group prefetched on a side
   CUDA stream while the current one computes.
 - ``vae-tiling``: the autoencoder encodes and decodes large images in overlapping, blended tiles.
+- ``quantize``: the DiT's block linears stored in 8 bits (int8, fp8) or 4 bits (nf4), dequantised per layer
+  when they run; composed, it rewrites the DiT before an offloading strategy moves it (``"quantize+group-offload"``).
 
 They compose: ``strategy = ["group-offload", "model-offload", "vae-tiling"]`` (or ``"group-offload+vae-tiling"``).
 """
@@ -15,6 +17,7 @@ from fluxframe.core.hookspecs import hookimpl
 from fluxframe.core.interfaces import MemoryStrategy
 
 from .offload import GroupOffload, ModelOffload
+from .quantize import Quantize
 from .tiling import VaeTiling
 
 
@@ -31,6 +34,7 @@ def register_memory_strategies(register):
     register("model-offload", ModelOffload)
     register("group-offload", GroupOffload)
     register("vae-tiling", VaeTiling)
+    register("quantize", Quantize)
 
 
-__all__ = ["GroupOffload", "KeepOnDevice", "ModelOffload", "VaeTiling", "register_memory_strategies"]
+__all__ = ["GroupOffload", "KeepOnDevice", "ModelOffload", "Quantize", "VaeTiling", "register_memory_strategies"]

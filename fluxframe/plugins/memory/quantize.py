@@ -1,0 +1,163 @@
+"""Weight-only quantisation of the DiT: every ``nn.Linear`` inside its double and single blocks becomes a
+``QuantLinear`` that stores its weight in 8 or 4 bits and dequantises it, one layer at a time, when the layer
+runs (plain torch, so the CPU runs it too). Biases, norms and everything outside the blocks (embedders,
+shared modulation, final layer: a few percent of the bytes, and the layers every block's input passes
+through) keep their dtype.
+
+Formats (``[memory.quantize] format``):
+
+- ``int8``: a scale per output channel (absmax / 127), values rounded to [-127, 127].
+- ``fp8``: float8 e4m3 values with a scale per output channel (absmax / 448); needs ``torch.float8_e4m3fn``.
+- ``nf4``: 4-bit NormalFloat (QLoRA's 16 levels, quantiles of a normal distribution) with an absmax scale
+  per ``group_size`` consecutive inputs of a row; two codes a byte.
+
+Scales are float32. ``QuantLinear.weight`` is a property returning the dequantised weight in the layer's
+original dtype, so code that reads weights directly (FLUX.2's SingleBlock slices ``linear1.weight``) keeps
+working unchanged. The quantised tensors are buffers, so offloading strategies move them like any other
+tensor; composed, ``quantize`` runs before the placing strategy (``rewrites_weights``), so ``quantize+
+group-offload`` streams the quantised blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxframe.core.interfaces import MemoryStrategy
+
+#: The 16 NF4 levels (Dettmers et al., QLoRA, 2023), ascending.
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+FORMATS = ("int8", "fp8", "nf4")
+_TINY = 1e-12  # scale floor: an all-zero row or group quantises to zeros, not NaN
+
+
+def _has_fp8() -> bool:
+    return hasattr(torch, "float8_e4m3fn")
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, float32 scales) of a 2-D weight (out, in)."""
+    w = w.detach().float()
+    if fmt == "int8":
+        scale = (w.abs().amax(1) / 127).clamp_min(_TINY)
+        return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    if fmt == "fp8":
+        scale = (w.abs().amax(1) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(_TINY)
+        return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+    if fmt == "nf4":
+        pad = -w.shape[1] % group_size
+        groups = F.pad(w, (0, pad)).view(-1, group_size)
+        scale = groups.abs().amax(1).clamp_min(_TINY)
+        levels = NF4_LEVELS.to(w.device)
+        index = torch.bucketize(groups / scale[:, None], (levels[1:] + levels[:-1]) / 2)  # the nearest level
+        pairs = index.view(-1, 2).to(torch.uint8)
+        return pairs[:, 0] << 4 | pairs[:, 1], scale
+    raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def _nf4_byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 2): the two levels a packed byte stands for (high nibble first)."""
+    codes = torch.arange(256, device=device)
+    return NF4_LEVELS.to(device, dtype)[torch.stack([codes >> 4, codes & 15], 1)]
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored quantised and dequantised when it is used."""
+
+    def __init__(self, linear: nn.Linear, fmt: str, group_size: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.format, self.group_size, self.dtype = fmt, group_size, linear.weight.dtype
+        codes, scale = quantize_weight(linear.weight, fmt, group_size)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_parameter("bias", linear.bias)
+        self._table: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (out, in), in the original dtype, on the device the codes are on."""
+        scale = self.scale.to(self.dtype)
+        if self.format != "nf4":
+            return self.codes.to(self.dtype) * scale[:, None]
+        table = self._table
+        if table is None or table.device != self.codes.device:
+            table = self._table = _nf4_byte_table(self.dtype, self.codes.device)
+        groups = table[self.codes.int()].view(-1, self.group_size) * scale[:, None]
+        return groups.view(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.format == "nf4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}"
+
+
+def _block_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every nn.Linear inside the DiT's double and single blocks."""
+    lists = [getattr(module, name) for name in ("double_blocks", "single_blocks")
+             if isinstance(getattr(module, name, None), nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"quantize rewrites the blocks of a DiT with double_blocks/single_blocks; "
+                         f"{type(module).__name__} has neither")
+    found = []
+    for blocks in lists:
+        for parent in blocks.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    found.append((parent, name, child))
+    return found
+
+
+def quantize_blocks(module: nn.Module, fmt: str, group_size: int = 64) -> dict[str, int]:
+    """Replace the block linears of a DiT in place; returns {"layers", "bytes_before", "bytes_after"} of the
+    replaced weights."""
+    stats = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+    with torch.no_grad():
+        for parent, name, linear in _block_linears(module):
+            layer = QuantLinear(linear, fmt, group_size)
+            setattr(parent, name, layer)
+            stats["layers"] += 1
+            stats["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
+            stats["bytes_after"] += layer.nbytes
+    return stats
+
+
+class Quantize(MemoryStrategy):
+    """``[memory] strategy = "quantize"``: the DiT's block linears stored in ``format`` (int8, fp8, nf4) and
+    dequantised per layer at matmul time. It places nothing itself: alone, the DiT is loaded and quantised on
+    the CPU (its full-precision weights never reach the device), then every component goes to the device as
+    with ``none``; composed (``"quantize+group-offload"``, ``"quantize+model-offload"``), it rewrites the DiT
+    where the placing strategy loaded it, before that strategy moves it."""
+
+    name = "quantize"
+    placement = False
+    rewrites_weights = True
+
+    def __init__(self, format: str = "int8", group_size: int = 64):  # noqa: A002 - the config key
+        if format not in FORMATS:
+            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+        if format == "fp8" and not _has_fp8():
+            raise ValueError("format: fp8 needs a torch with float8_e4m3fn")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
+            raise ValueError(f"group_size: expected a positive even integer, got {group_size!r}")
+        self.format, self.group_size = format, group_size
+        self.stats = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+
+    def load_device(self, component, device):
+        return torch.device("cpu") if component == "transformer" else device
+
+    def place(self, component, module, device):
+        if component == "transformer":
+            self.stats = quantize_blocks(module, self.format, self.group_size)
+        return module
