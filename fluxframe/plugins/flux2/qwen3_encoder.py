@@ -14,10 +14,10 @@ import torch
 
 from fluxframe.errors import CheckpointError
 
-from .text_encoder import _load_tokenizer, _require_safetensors, encoder_identity, generate_text
+from .text_encoder import HiddenStateEncoder, _load_tokenizer, _require_safetensors, generate_text
 
 
-class Qwen3PromptEncoder:
+class Qwen3PromptEncoder(HiddenStateEncoder):
     """Turns prompts into FLUX.2 klein text embeddings with a Qwen3 model and its tokenizer."""
 
     hidden_layers = (9, 18, 27)
@@ -60,18 +60,6 @@ class Qwen3PromptEncoder:
             raise CheckpointError(f"cannot load the text encoder weights: {exc}", file=str(text_encoder_dir)) from exc
         return cls(model.eval(), tokenizer)
 
-    @property
-    def embed_dim(self) -> int:
-        return len(self.hidden_layers) * self._text_config.hidden_size
-
-    @property
-    def identity(self) -> dict:
-        return encoder_identity(type(self.model).__name__, self._text_config, self.hidden_layers)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(B, max_length, embed_dim) embeddings, in the model's dtype and on its device."""
@@ -82,22 +70,13 @@ class Qwen3PromptEncoder:
                  for p in prompts]
         batch = self.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
                                max_length=self.max_length)
-        output = self._backbone(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device),
-                                output_hidden_states=True, use_cache=False)
-        taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
-        b, n, length, d = taps.shape
-        return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
+        return self._stacked_taps(batch["input_ids"], batch["attention_mask"])
 
     def upsample(self, prompt: str, system_message: str, *, max_new_tokens: int = 512, temperature: float = 0.15,
                  seed: int = 0) -> str:
         messages = [{"role": "system", "content": system_message}, {"role": "user", "content": prompt}]
         return generate_text(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, enable_thinking=False)
-
-    def to(self, device) -> Qwen3PromptEncoder:
-        self.model.to(device)
-        return self
 
 
 def _check_layers(config, config_file: str | None) -> None:

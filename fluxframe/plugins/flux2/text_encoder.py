@@ -52,7 +52,41 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-class MistralPromptEncoder:
+class HiddenStateEncoder:
+    """What the FLUX.2 prompt encoders share: run the language model and stack the hidden states of
+    ``hidden_layers`` into (B, L, len(hidden_layers)·hidden) embeddings. Subclasses tokenize."""
+
+    hidden_layers: tuple[int, ...] = ()
+    _text_config = None
+    _backbone = None
+    model = None
+
+    @property
+    def embed_dim(self) -> int:
+        return len(self.hidden_layers) * self._text_config.hidden_size
+
+    @property
+    def identity(self) -> dict:
+        return encoder_identity(type(self.model).__name__, self._text_config, self.hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _stacked_taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        output = self._backbone(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                output_hidden_states=True, use_cache=False)
+        taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
+        b, n, length, d = taps.shape
+        return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+
+class MistralPromptEncoder(HiddenStateEncoder):
     """Turns prompts into FLUX.2 dev text embeddings with a Mistral-3 model and its tokenizer."""
 
     hidden_layers = (10, 20, 30)
@@ -115,14 +149,6 @@ class MistralPromptEncoder:
         model.eval()
         return cls(model, tokenizer)
 
-    @property
-    def embed_dim(self) -> int:
-        return len(self.hidden_layers) * self._text_config.hidden_size
-
-    @property
-    def identity(self) -> dict:
-        return encoder_identity(type(self.model).__name__, self._text_config, self.hidden_layers)
-
     def upsample(self, prompt: str, system_message: str, *, max_new_tokens: int = 512, temperature: float = 0.15,
                  seed: int = 0) -> str:
         """Rewrite ``prompt`` with the model as a chat LLM, as diffusers' Flux2Pipeline.upsample_prompt does."""
@@ -130,10 +156,6 @@ class MistralPromptEncoder:
                     {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}]
         return generate_text(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -158,20 +180,7 @@ class MistralPromptEncoder:
             truncation=True,
             max_length=self.max_length,
         )
-        device = self.device
-        output = self._backbone(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
-        b, n, length, d = taps.shape
-        return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
-
-    def to(self, device) -> MistralPromptEncoder:
-        self.model.to(device)
-        return self
+        return self._stacked_taps(batch["input_ids"], batch["attention_mask"])
 
 
 def encoder_identity(model_class: str, text_config, layers) -> dict:
