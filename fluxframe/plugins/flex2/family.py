@@ -15,7 +15,6 @@ The transformer's input width decides what the model takes: 196 channels per tok
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, load_into, resolve_weight_files
+from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
@@ -149,17 +149,8 @@ def locate(path: Path) -> tuple[Path, Path]:
 
 
 def fingerprint(transformer: Path, folder: Path) -> str:
-    """sha256 over component configs and weight-file headers and sizes (see the flux2 family)."""
-    digest = hashlib.sha256()
-    for sub in (transformer, folder / "vae", folder / "text_encoder", folder / "text_encoder_2"):
-        if sub.is_dir() and (sub / "config.json").exists():
-            digest.update((sub / "config.json").read_bytes())
-        for file in resolve_weight_files(sub):
-            with open(file, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                digest.update(fh.read(min(n, 100_000_000)))
-            digest.update(str(file.stat().st_size).encode())
-    return "sha256:" + digest.hexdigest()
+    """The checkpoint id (see fluxframe.core.checkpoint.fingerprint)."""
+    return checkpoint_fingerprint(transformer, *(folder / c for c in ("vae", "text_encoder", "text_encoder_2")))
 
 
 class Flex2(ModelFamily):

@@ -12,7 +12,6 @@ checkpoint is never held twice. The text encoder loads on first use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, load_into, resolve_weight_files
+from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError
@@ -96,22 +96,8 @@ def check_folder(folder: Path) -> dict:
 
 
 def fingerprint(folder: Path) -> str:
-    """A stable identity of a checkpoint: sha256 over component configs and weight-file headers and sizes.
-
-    Hashing every byte of a 60 GB checkpoint on each start is not affordable; the safetensors
-    header pins every tensor's name, dtype, shape and offset, and the size pins the data length.
-    """
-    digest = hashlib.sha256()
-    for component in ("transformer", "vae", "text_encoder"):
-        sub = folder / component
-        if (sub / "config.json").exists():
-            digest.update((sub / "config.json").read_bytes())
-        for file in resolve_weight_files(sub):
-            with open(file, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                digest.update(fh.read(min(n, 100_000_000)))
-            digest.update(str(file.stat().st_size).encode())
-    return "sha256:" + digest.hexdigest()
+    """The checkpoint id of a diffusers-layout folder (see fluxframe.core.checkpoint.fingerprint)."""
+    return checkpoint_fingerprint(*(folder / c for c in ("transformer", "vae", "text_encoder")))
 
 
 def prompt_encoder_class(folder: Path):

@@ -19,14 +19,13 @@ pickled files are refused by the checkpoint reader.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, load_into, resolve_weight_files
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, fingerprint, load_into
 from fluxframe.errors import CheckpointError, ConfigError
 
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
@@ -228,20 +227,6 @@ def check(config) -> list[str]:
                               f"{t_config.in_channels}: not a matching pair", file=str(vae), key="bn.running_mean")
     kind = variant(t_config)
     return [] if kind != "custom" else [f"{dit.name}: not a known FLUX.2 shape (dev, klein 4B, klein 9B)"]
-
-
-def fingerprint(*files_or_folders: Path) -> str:
-    """Like the folder fingerprint: sha256 over safetensors headers and sizes (and text encoder config)."""
-    digest = hashlib.sha256()
-    for item in files_or_folders:
-        if item.is_dir() and (item / "config.json").exists():
-            digest.update((item / "config.json").read_bytes())
-        for file in resolve_weight_files(item):
-            with open(file, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                digest.update(fh.read(min(n, 100_000_000)))
-            digest.update(str(file.stat().st_size).encode())
-    return "sha256:" + digest.hexdigest()
 
 
 def load_transformer(file: Path, dtype: torch.dtype, device: torch.device) -> Flux2Transformer:
