@@ -14,7 +14,7 @@ import torch
 
 from fluxframe.errors import CheckpointError
 
-from .text_encoder import HiddenStateEncoder, _load_tokenizer, _require_safetensors, generate_text
+from .text_encoder import HiddenStateEncoder, _load_tokenizer, generate_text, read_encoder_config
 
 
 class Qwen3PromptEncoder(HiddenStateEncoder):
@@ -37,20 +37,11 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
     def from_pretrained(cls, text_encoder_dir: Path, tokenizer_dir: Path, *, dtype: torch.dtype,
                         device: torch.device) -> Qwen3PromptEncoder:
         from safetensors import SafetensorError
-        from transformers import AutoConfig, Qwen3ForCausalLM
+        from transformers import Qwen3ForCausalLM
 
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         config_file = text_encoder_dir / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
-        _require_safetensors(text_encoder_dir)
-        try:
-            config = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"unreadable text encoder config: {exc}", file=str(config_file)) from exc
-        if config.model_type != cls.model_type:
-            raise CheckpointError(f"expected a Qwen3 text encoder (model_type 'qwen3'), got {config.model_type!r}",
-                                  file=str(config_file), key="model_type")
+        config = read_encoder_config(text_encoder_dir, cls.model_type, "Qwen3")
         _check_layers(config, str(config_file))
         tokenizer = _load_tokenizer(tokenizer_dir)
         try:

@@ -52,6 +52,27 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
+def read_encoder_config(folder: Path, model_type: str, label: str):
+    """The text encoder's transformers config, checked before any weights are read: the folder and its
+    config.json exist, the weights are safetensors, and the model_type is the one expected."""
+    from transformers import AutoConfig
+
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError("the text encoder folder does not exist", file=str(folder))
+    if not config_file.is_file():
+        raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
+    _require_safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"unreadable text encoder config: {exc}", file=str(config_file)) from exc
+    if config.model_type != model_type:
+        raise CheckpointError(f"expected a {label} text encoder (model_type {model_type!r}), got {config.model_type!r}",
+                              file=str(config_file), key="model_type")
+    return config
+
+
 class HiddenStateEncoder:
     """What the FLUX.2 prompt encoders share: run the language model and stack the hidden states of
     ``hidden_layers`` into (B, L, len(hidden_layers)·hidden) embeddings. Subclasses tokenize."""
@@ -111,25 +132,11 @@ class MistralPromptEncoder(HiddenStateEncoder):
         cls, text_encoder_dir: Path, tokenizer_dir: Path, *, dtype: torch.dtype, device: torch.device
     ) -> MistralPromptEncoder:
         from safetensors import SafetensorError
-        from transformers import AutoConfig, Mistral3ForConditionalGeneration
+        from transformers import Mistral3ForConditionalGeneration
 
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         config_file = text_encoder_dir / "config.json"
-        if not text_encoder_dir.is_dir():
-            raise CheckpointError("the text encoder folder does not exist", file=str(text_encoder_dir))
-        if not config_file.is_file():
-            raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
-        _require_safetensors(text_encoder_dir)
-        try:
-            config = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"unreadable text encoder config: {exc}", file=str(config_file)) from exc
-        if config.model_type != "mistral3":
-            raise CheckpointError(
-                f"expected a Mistral-3 text encoder (model_type 'mistral3'), got {config.model_type!r}",
-                file=str(config_file),
-                key="model_type",
-            )
+        config = read_encoder_config(text_encoder_dir, "mistral3", "Mistral-3")
         # Checked before loading so that a wrong checkpoint fails in milliseconds, not after reading 48 GB.
         _check_layers(config.get_text_config(), str(config_file))
         tokenizer = _load_tokenizer(tokenizer_dir)
