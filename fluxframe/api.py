@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxframe.core.config import Config, load_config, parse_config
+from fluxframe.core.config import Config, LoraSettings, load_config, parse_config
 from fluxframe.core.pipeline import Pipeline, config_warnings
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import GenerationRequest, GenerationResult
 
 __all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "PluginHost", "check_config", "encode",
-           "load", "load_config", "parse_config"]
+           "load", "load_config", "parse_config", "with_loras"]
 
 
 def _host_for(config: Config) -> PluginHost:
@@ -28,6 +28,15 @@ def load(config: Config | str | Path, *, host: PluginHost | None = None) -> Pipe
     if not isinstance(config, Config):
         config = load_config(config)
     return Pipeline.from_config(config, host or _host_for(config))
+
+
+def with_loras(config: Config | str | Path, loras: list[tuple[str | Path, float]]) -> Config:
+    """The config with these LoRAs (path, weight) applied after its own ``[[lora]]`` entries; relative paths
+    are taken from the current directory (as a command line gives them), not from the config's folder."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    extra = [LoraSettings(path=str(Path(path).expanduser().absolute()), weight=float(weight)) for path, weight in loras]
+    return config.model_copy(update={"lora": [*config.lora, *extra]})
 
 
 def encode(config: Config | str | Path, prompt: str, output: str | Path, *, negative_prompt: str | None = None,

@@ -32,6 +32,18 @@ def _positive(name: str, kind=int, minimum=1):
     return parse
 
 
+def _lora(text: str) -> tuple[Path, float]:
+    """``PATH[:WEIGHT]``; a path that itself contains ":" works when no weight follows it."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            if not Path(text).exists() and Path(head).exists():
+                raise argparse.ArgumentTypeError(f"--lora {text!r}: the weight {tail!r} is not a number") from None
+    return Path(text), 1.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxframe", description="FLUX.2 image generation with plugins, "
                                      "safety filters and provenance.")
@@ -55,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", type=Path, help="output file (default: the config's [output] dir)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--negative-prompt", help="what to steer away from (models with true guidance)")
+    gen.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:WEIGHT]",
+                     help="a LoRA for the DiT, weight 1 unless given (repeatable; added to the config's [[lora]])")
     cond = gen.add_argument_group("conditioning (each enables its conditioner for this request)")
     cond.add_argument("--reference", action="append", type=Path, metavar="IMAGE",
                       help="a reference image for editing (repeatable, FLUX.2)")
@@ -104,7 +118,7 @@ def cmd_generate(args) -> int:
 
     from fluxframe import api
 
-    pipeline = api.load(args.config)
+    pipeline = api.load(api.with_loras(args.config, args.lora) if args.lora else args.config)
     bar = None
 
     def progress(info):

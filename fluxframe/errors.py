@@ -18,6 +18,7 @@ class ConfigError(FluxframeError):
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
         self.path = path
         self.key = key
+        self.message = message
         where = ": ".join(p for p in (path, key) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -6,6 +6,7 @@ are resolved against the config file's folder, so a config works from any workin
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -142,6 +143,22 @@ class ConditionerSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
+class LoraSettings(_Section):
+    """[[lora]]: a LoRA file for the DiT, its weight, and how it is applied (see fluxframe.plugins.lora)."""
+
+    path: str
+    weight: float = 1.0
+    mode: Literal["auto", "fuse", "side"] = "auto"
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _finite_float(cls, value: Any) -> Any:
+        value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+
 class WatermarkSettings(_Section):
     method: str = "dwtDct"
     message: str | None = None  # bits as a string of 0/1; default: fluxframe's own message
@@ -168,6 +185,7 @@ class Config(_Section):
     plugins: PluginsSection = PluginsSection()
     memory: MemorySection = MemorySection()
     conditioners: list[ConditionerSettings] = []
+    lora: list[LoraSettings] = []
     safety: SafetySection | None = None
     provenance: ProvenanceSection | None = None
     # Where the file was read from; relative paths resolve against its folder.

@@ -117,9 +117,24 @@ class ModelFamily(ABC):
 
         raise RequestError(f"model family {cls.name!r} cannot encode prompts on their own", field="prompt")
 
+    def apply_loras(self, loras: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Apply LoRAs to the denoiser, replacing those applied before (an empty list removes them). Each is
+        a dict with ``path`` (a Path), ``weight``, ``mode`` ("auto", "fuse" or "side") and ``key`` (its config
+        key, for messages). Returns one record per LoRA (file, sha256, weight, mode, layers), also kept in
+        ``self.loras`` for the audit log and provenance."""
+        from fluxframe.errors import ConfigError
+
+        raise ConfigError(f"model family {self.name!r} does not take LoRAs", key="lora")
+
+    #: Records of the LoRAs applied (see ``apply_loras``).
+    loras: list[dict[str, Any]] = []
+
     def describe(self) -> dict[str, Any]:
         """Facts for logs and provenance records."""
-        return {"family": self.name, "checkpoint": self.checkpoint_id}
+        facts = {"family": self.name, "checkpoint": self.checkpoint_id}
+        if self.loras:
+            facts["loras"] = [dict(record) for record in self.loras]
+        return facts
 
 
 class Conditioner(ABC):

@@ -62,6 +62,7 @@ def _check_plugins(config: Config, host: PluginHost) -> list[str]:
     host.get("sampler", config.sampler.name)
     build_memory(config, host)
     build_conditioners(config, host)
+    lora_specs(config)
     warnings = list(family.check(config))
     if config.safety is None:
         warnings.append(NO_SAFETY)
@@ -84,6 +85,27 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
     build_postprocessors(config, host)
     return warnings
+
+
+def lora_specs(config: Config) -> list[dict[str, Any]]:
+    """The [[lora]] entries with their paths resolved; ConfigError naming the entry for a file that is absent."""
+    specs = []
+    for i, entry in enumerate(config.lora):
+        path = config.resolve(entry.path)
+        if not path.is_file():
+            raise ConfigError("no such file" if not path.exists() else "not a file", path=config.source,
+                              key=f"lora.{i}.path ({path})")
+        specs.append({"path": path, "weight": entry.weight, "mode": entry.mode, "key": f"lora.{i}"})
+    return specs
+
+
+def apply_loras(config: Config, model: ModelFamily) -> None:
+    if not config.lora:
+        return
+    try:
+        model.apply_loras(lora_specs(config))
+    except ConfigError as exc:  # the model's messages name the entry; add the config file
+        raise ConfigError(exc.message, path=exc.path or config.source, key=exc.key) from None
 
 
 def build_postprocessors(config: Config, host: PluginHost) -> list[Postprocessor]:
@@ -252,6 +274,7 @@ class Pipeline:
         postprocessors = build_postprocessors(config, host)
         memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
+        apply_loras(config, model)
         sampler = host.get("sampler", config.sampler.name).factory()
         stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
                         conditioners=build_conditioners(config, host))
@@ -338,6 +361,7 @@ class Pipeline:
             "prompt_embeds_sha256": _file_hash(request.prompt_embeds),
             "config_sha256": self.config_hash,
             "checkpoint": self.stages.model.checkpoint_id,
+            "loras": [{k: r[k] for k in ("file", "sha256", "weight")} for r in self.stages.model.loras],
             "settings": settings,
             "verdicts": [dataclasses.asdict(v) for v in verdicts],
             "action": action,

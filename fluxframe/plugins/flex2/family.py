@@ -28,6 +28,7 @@ from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
 from fluxframe.plugins.flux2.family import DTYPES, _read_json, resolve_device
+from fluxframe.plugins.lora import LoraSupport
 
 from . import keymap
 from .autoencoder import Flux1Autoencoder, Flux1AutoencoderConfig
@@ -153,7 +154,7 @@ def fingerprint(transformer: Path, folder: Path) -> str:
     return checkpoint_fingerprint(transformer, *(folder / c for c in ("vae", "text_encoder", "text_encoder_2")))
 
 
-class Flex2(ModelFamily):
+class Flex2(LoraSupport, ModelFamily):
     """Flex.2 (196 input channels: inpainting and universal control built in) or plain Flux.1 (64)."""
 
     name = "flex2"
@@ -206,6 +207,9 @@ class Flex2(ModelFamily):
                                   f"predicts {transformer.config.output_channels} (= 4 × 16 for Flux.1)",
                                   file=str(folder / "vae" / "config.json"), key="latent_channels")
         return cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
+
+    def lora_rules(self):
+        return keymap.rules(self.transformer.config)
 
     @property
     def checkpoint_id(self) -> str:

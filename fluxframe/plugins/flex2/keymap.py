@@ -24,7 +24,7 @@ def _linear(ours: str, theirs: str | tuple[str, ...], kind: str = SAME) -> Itera
         yield f"{ours}.{p}", tuple(f"{t}.{p}" for t in theirs), kind
 
 
-def _rules(config: Flux1Config) -> Iterator[tuple[str, tuple[str, ...], str]]:
+def rules(config: Flux1Config) -> Iterator[tuple[str, tuple[str, ...], str]]:
     yield from _linear("img_in", "x_embedder")
     yield from _linear("txt_in", "context_embedder")
     embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
@@ -77,13 +77,13 @@ _COMBINE = {CAT: _cat, SWAP: _swap_one}
 
 def from_diffusers(config: Flux1Config) -> dict:
     """fluxframe key -> diffusers key, or (diffusers keys, combine) where tensors are merged."""
-    return {ours: theirs[0] if kind == SAME else (theirs, _COMBINE[kind]) for ours, theirs, kind in _rules(config)}
+    return {ours: theirs[0] if kind == SAME else (theirs, _COMBINE[kind]) for ours, theirs, kind in rules(config)}
 
 
 def to_diffusers(state_dict: dict[str, torch.Tensor], config: Flux1Config) -> dict[str, torch.Tensor]:
     """A fluxframe (single-file layout) state dict rewritten with diffusers' names and layout."""
     out = {}
-    for ours, theirs, kind in _rules(config):
+    for ours, theirs, kind in rules(config):
         tensor = state_dict[ours]
         if kind == CAT:
             sizes = [config.hidden_size] * 3

@@ -183,7 +183,7 @@ class Flux1Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return next(self.parameters()).dtype  # img_in's weight, also when a LoRA side path wraps img_in
 
     def forward(self, img, img_ids, txt, txt_ids, pooled, timesteps, guidance=None):
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), pooled (B, pooled_projection_dim),

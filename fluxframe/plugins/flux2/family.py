@@ -24,6 +24,7 @@ from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError
+from fluxframe.plugins.lora import LoraSupport
 
 from . import keymap, single_file
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
@@ -173,7 +174,7 @@ def unpack(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return tokens.transpose(1, 2).unflatten(2, grid)
 
 
-class Flux2(ModelFamily):
+class Flux2(LoraSupport, ModelFamily):
     """FLUX.2 dev and klein: Mistral-3 or Qwen3 text encoder, FLUX.2 DiT, 32-channel autoencoder."""
 
     upsample_max_tokens = 512
@@ -236,6 +237,9 @@ class Flux2(ModelFamily):
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         return cls(folder, transformer, vae, device=device, dtype=dtype, memory=memory)
+
+    def lora_rules(self):
+        return keymap.rules(self.transformer.config)
 
     @property
     def checkpoint_id(self) -> str:

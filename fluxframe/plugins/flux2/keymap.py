@@ -16,7 +16,7 @@ from .transformer import TransformerConfig
 SAME, CAT, SWAP = "same", "cat", "swap"  # one-to-one | q, k, v concatenated on dim 0 | (scale, shift) halves swapped
 
 
-def _rules(config: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], str]]:
+def rules(config: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], str]]:
     yield "img_in.weight", ("x_embedder.weight",), SAME
     yield "txt_in.weight", ("context_embedder.weight",), SAME
     for ours, theirs in (("time_in", "timestep_embedder"), ("guidance_in", "guidance_embedder")):
@@ -70,14 +70,14 @@ _COMBINE: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = {CAT: _cat, 
 def from_diffusers(config: TransformerConfig) -> dict[str, str | tuple[tuple[str, ...], Callable]]:
     """fluxframe key -> diffusers key, or (diffusers keys, combine) where tensors must be merged."""
     return {
-        ours: theirs[0] if kind == SAME else (theirs, _COMBINE[kind]) for ours, theirs, kind in _rules(config)
+        ours: theirs[0] if kind == SAME else (theirs, _COMBINE[kind]) for ours, theirs, kind in rules(config)
     }
 
 
 def to_diffusers(state_dict: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
     """A fluxframe state dict rewritten with diffusers' key names and tensor layout."""
     out = {}
-    for ours, theirs, kind in _rules(config):
+    for ours, theirs, kind in rules(config):
         tensor = state_dict[ours]
         if kind == CAT:
             out.update(zip(theirs, tensor.chunk(len(theirs), dim=0)))

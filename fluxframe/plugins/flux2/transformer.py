@@ -225,14 +225,21 @@ class SingleBlock(nn.Module):
         the MLP on skipped tokens and the concatenation of [attention, MLP] before linear2."""
         shift, scale, gate = mod
         dim = self.linear2.out_features
-        w1, w2 = self.linear1.weight, self.linear2.weight
+        w1, w2 = getattr(self.linear1, "weight", None), getattr(self.linear2, "weight", None)
         h = _modulate(x, shift, scale, self.eps)
-        qkv, mlp = F.linear(h, w1[: 3 * dim]), F.linear(h[:, skip:], w1[3 * dim :])
+        if w1 is not None:
+            qkv, mlp = F.linear(h, w1[: 3 * dim]), F.linear(h[:, skip:], w1[3 * dim :])
+        else:  # a layer with no plain weight to slice (a LoRA side path): the module as a whole
+            qkv, mlp = self.linear1(h).split([3 * dim, 2 * self.mlp_hidden], dim=-1)
+            mlp = mlp[:, skip:]
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q_rope = tuple(r[skip:] for r in rope) if skip else None
         attn = _attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope)
-        out = F.linear(attn, w2[:, :dim])
-        out.view(-1, dim).addmm_(self.mlp_act(mlp).flatten(0, -2), w2[:, dim:].t())
+        if w2 is not None:
+            out = F.linear(attn, w2[:, :dim])
+            out.view(-1, dim).addmm_(self.mlp_act(mlp).flatten(0, -2), w2[:, dim:].t())
+        else:
+            out = self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
         return _clip_fp16(torch.addcmul(x[:, skip:], gate, out))
 
 
@@ -294,7 +301,7 @@ class Flux2Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return next(self.parameters()).dtype  # img_in's weight, also when a LoRA side path wraps img_in
 
     def forward(
         self,
