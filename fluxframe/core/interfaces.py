@@ -5,7 +5,7 @@ filter or postprocessor lives in a plugin and reaches the core through a ``regis
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +127,7 @@ class ModelFamily(ABC):
         raise ConfigError(f"model family {self.name!r} does not take LoRAs", key="lora")
 
     #: Records of the LoRAs applied (see ``apply_loras``).
-    loras: list[dict[str, Any]] = []
+    loras: Sequence[dict[str, Any]] = ()
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs and provenance records."""

@@ -8,7 +8,7 @@ mixing in ``LoraSupport`` and naming its key table in ``lora_rules``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ class LoraSupport:
 
     name: str
     _applied: AppliedLoras | None = None
-    loras: list[dict[str, Any]] = []
+    loras: Sequence[dict[str, Any]] = ()
 
     def lora_rules(self) -> Iterable[tuple[str, tuple[str, ...], str]]:
         """The family's key table: (fluxframe key, diffusers keys, kind), as its keymap.rules yields it."""
@@ -44,7 +44,7 @@ class LoraSupport:
         """Take every applied LoRA off: fused weights are restored bit for bit, side paths unwrapped."""
         if self._applied is not None:
             self._applied.remove()
-        self._applied, self.loras = None, []
+        self._applied, self.loras = None, ()
 
 
 __all__ = ["MODES", "AppliedLoras", "LoraLayer", "LoraLinear", "LoraSpec", "LoraSupport", "Segment", "apply_loras",

@@ -54,7 +54,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up).to(y.dtype)
+        h = F.linear(x.to(self.down.dtype), self.down).reshape(-1, self.down.shape[0])
+        if y.dtype == self.up.dtype and y.is_contiguous():  # accumulate into y: no output-sized temporary
+            y.view(-1, self.out_features).addmm_(h, self.up.t())
+            return y
+        return y + (h @ self.up.t()).view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.down.shape[0]}"
