@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median reported)")
     p.add_argument("--size", type=int, default=1024, help="edge of the square image timed")
     p.add_argument("--photos", nargs="*", default=list(PHOTOS), help="scikit-image photos for robustness")
+    p.add_argument("--method", default="dwtDct", choices=wm.METHODS[:2],
+                   help="watermark method timed (the robustness part is dwtDct's; bench/watermark_robustness.py "
+                        "measures fluxframe-ss)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p.parse_args()
 
@@ -68,18 +71,19 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def timing(runs: int, size: int) -> dict[str, float]:
+def timing(runs: int, size: int, method: str = "dwtDct") -> dict[str, float]:
     from imwatermark import WatermarkEncoder
 
     image = photo("astronaut", (size, size))
-    marked, _ = wm.embed(image, wm.FLUXFRAME_MESSAGE)
-    post = wm.WatermarkPostprocessor()
+    marked, _ = wm.embed(image, wm.FLUXFRAME_MESSAGE, method)
+    post = wm.WatermarkPostprocessor(method=method)
     library = WatermarkEncoder()
     library.set_watermark("bits", [int(b) for b in wm.FLUXFRAME_MESSAGE])
     bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
     context = output_context()
     out: dict[str, float] = {}
-    out["watermark embed only (wm.embed)"] = median_ms(lambda: wm.embed(image, wm.FLUXFRAME_MESSAGE), runs)
+    out[f"watermark embed only (wm.embed, {method})"] = median_ms(
+        lambda: wm.embed(image, wm.FLUXFRAME_MESSAGE, method), runs)
     out["watermark embed, invisible-watermark's encoder (comparison, not used)"] = median_ms(
         lambda: library.encode(bgr, "dwtDct"), runs)
     out["watermark process_image (embed + read-back check)"] = median_ms(lambda: post.process_image(image, context),
@@ -182,7 +186,7 @@ def robustness(names: list[str], size: int = 1024) -> list[dict]:
 def main() -> int:
     args = parse_args()
     logging.getLogger("fluxframe.provenance").setLevel(logging.ERROR)  # lossy encodings warn on every image
-    times = timing(args.runs, args.size)
+    times = timing(args.runs, args.size, args.method)
     robust = robustness(args.photos)
     if args.json:
         print(json.dumps({"timing_ms": times, "robustness": robust}, indent=2))

@@ -160,7 +160,7 @@ class LoraSettings(_Section):
 
 
 class WatermarkSettings(_Section):
-    method: str = "dwtDct"
+    method: str = "fluxframe-ss"  # fluxframe.provenance.watermark.DEFAULT_METHOD; "dwtDct" is the FLUX reference's
     message: str | None = None  # bits as a string of 0/1; default: fluxframe's own message
 
 

@@ -4,7 +4,9 @@ The manifest is read and validated by the c2pa library (signature, hash binding 
 bytes, certificate chain against the trust anchors given), offline: no OCSP, no remote manifests. The
 watermark is decoded from the pixels and compared with every known message (fluxframe's own, the FLUX reference
 code's, the one the manifest declares) or only with the ones the caller names — so a later, stronger method can
-be added to the list while old marks keep being recognised.
+be added to the list while old marks keep being recognised: fluxframe's message is looked for as a
+``fluxframe-ss`` mark (the default method) and as a ``dwtDct`` mark (what fluxframe wrote before it, and how the
+FLUX reference code marks its images). A message given as bare bits is looked for with both methods.
 
 ``ok`` means everything checks: a manifest is present, its signature is valid, it is bound to these exact
 pixels (nothing altered since signing), its certificate chains to a trusted anchor, it declares the image
@@ -23,7 +25,8 @@ from typing import Any
 
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_MEDIA
-from fluxframe.provenance.watermark import KNOWN_MESSAGES, THRESHOLD, match, validate_message, validate_method
+from fluxframe.provenance.watermark import (KNOWN_MESSAGES, ROBUST_METHOD, THRESHOLD, match, validate_message,
+                                            validate_method)
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 #: Reading settings: trust checked, nothing fetched over the network.
@@ -88,10 +91,21 @@ class VerifyReport:
                     passed = sum(1 for v in verdicts if isinstance(v, dict) and v.get("allowed"))
                     lines.append(f"  safety:       {passed} of {len(verdicts)} filter verdicts allowed")
         wm = self.watermark
-        if wm.get("detected"):
+        ss = wm.get("robust") or {}
+        if wm.get("detected") and wm.get("method") == ROBUST_METHOD:
+            lines.append(f"  watermark:    {wm['message']} ({wm['method']}), message {wm['decoded']}, confidence "
+                         f"{wm['confidence']:.1f} (threshold {wm['threshold']}), {wm['bit_errors']} bit errors "
+                         "corrected")
+        elif wm.get("detected"):
             lines.append(f"  watermark:    {wm['message']} ({wm['method']}), {wm['agreement']:.0%} of bits agree")
+        elif ss.get("decoded"):
+            lines.append(f"  watermark:    a {ROBUST_METHOD} mark with message {ss['decoded']} (confidence "
+                         f"{ss['confidence']:.1f}), none of the messages looked for")
         else:
             lines.append(f"  watermark:    none found ({wm.get('reason') or 'not checked'})")
+        if wm.get("matches_configured") is not None:
+            verdict = "matches" if wm["matches_configured"] else "does NOT match"
+            lines.append(f"  configured:   the watermark {verdict} the deployment's configured message")
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  - {reason}" for reason in self.reasons]
         return "\n".join(lines)
@@ -125,27 +139,63 @@ def load_trust_anchors(paths: list[Path] | None) -> str:
     return "".join(pems)
 
 
-def _normalise_messages(messages: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    out = {}
+def default_messages() -> dict[str, list[tuple[str, str]]]:
+    """What ``verify`` looks for when not told: fluxframe's message in its current and its former method, and
+    the FLUX reference code's dwtDct message."""
+    return {name: [(ROBUST_METHOD, bits), ("dwtDct", bits)] if name == "fluxframe" else [("dwtDct", bits)]
+            for name, bits in KNOWN_MESSAGES.items()}
+
+
+def _normalise_messages(messages: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """name → the (method, bits) pairs to look for. A value is bits (looked for as a ``fluxframe-ss`` mark when
+    the method can carry that length, and as a ``dwtDct`` mark), a (method, bits) pair, or a list of pairs."""
+    from fluxframe.provenance import robust
+
+    out: dict[str, list[tuple[str, str]]] = {}
     for name, value in messages.items():
-        method, bits = ("dwtDct", value) if isinstance(value, str) else tuple(value)
-        out[str(name)] = (method, bits)
+        if isinstance(value, str):
+            pairs = [("dwtDct", value)]
+            if robust.MIN_MESSAGE_BITS <= len(value) <= robust.MAX_MESSAGE_BITS:
+                pairs.insert(0, (ROBUST_METHOD, value))
+        elif value and not isinstance(value[0], str):
+            pairs = [tuple(pair) for pair in value]
+        else:
+            pairs = [tuple(value)]
+        out[str(name)] = pairs
     return out
 
 
 def check_watermark(image, messages: dict[str, Any]) -> dict[str, Any]:
-    """The best of ``messages`` (name → bits, or name → (method, bits)) found in ``image``, trying each method."""
+    """The best of ``messages`` (name → bits, (method, bits) or a list of those) found in ``image``, trying each
+    method. For ``fluxframe-ss`` the result also has ``decoded`` (the message read), ``confidence`` and
+    ``bit_errors``; ``matches_configured`` says whether the message read is the one named "configured" (None
+    when no "configured" message was given)."""
     by_method: dict[str, dict[str, str]] = {}
-    for name, (method, bits) in _normalise_messages(messages).items():
-        by_method.setdefault(method, {})[name] = bits
+    for name, pairs in _normalise_messages(messages).items():
+        for method, bits in pairs:
+            by_method.setdefault(method, {})[name] = bits
     results = [match(image, group, method) for method, group in by_method.items()]
     if not results:
         return {"checked": False, "detected": False, "message": None, "method": None, "agreement": None,
                 "scores": {}, "reason": "no watermark messages to look for", "threshold": THRESHOLD}
     found = [r for r in results if r["detected"]]
-    best = max(found or results, key=lambda r: r["agreement"] or 0.0)
-    scores = {f"{name}": score for r in results for name, score in r["scores"].items()}
-    return {"checked": all(r["agreement"] is not None for r in results), **best, "scores": scores}
+    # A decoded, error-corrected fluxframe-ss message outranks a bit agreement of the other methods.
+    best = max(found or results, key=lambda r: (r["method"] == ROBUST_METHOD and r["detected"],
+                                                r["agreement"] or 0.0))
+    scores: dict[str, float] = {}
+    for r in results:
+        for name, score in r["scores"].items():
+            scores[name] = max(score, scores.get(name, 0.0))
+    out = {"checked": all(r["agreement"] is not None for r in results), **best, "scores": scores}
+    robust_result = next((r for r in results if r["method"] == ROBUST_METHOD), None)
+    if robust_result is not None:
+        # What the fluxframe-ss reading found, whichever result is the best: a message read that is none of
+        # those looked for (another deployment's) is still reported, with its confidence.
+        out["robust"] = {key: robust_result[key] for key in ("confidence", "decoded", "bit_errors", "scale", "reason")}
+    out["matches_configured"] = None
+    if "configured" in messages:
+        out["matches_configured"] = bool(best["detected"] and best["message"] == "configured")
+    return out
 
 
 def _codes(results: dict | None, status: list | None) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
@@ -264,8 +314,10 @@ def _read_manifest(report: VerifyReport, data: bytes, trust_pem: str) -> None:
 
 def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, Any] | None = None) -> VerifyReport:
     """Check ``path``'s C2PA manifest and watermark. ``trust``: PEM files of CA certificates to trust.
-    ``messages``: the watermark messages that count (name → bits, or name → (method, bits)); default: the
-    known ones (``KNOWN_MESSAGES``) plus the one the signed manifest declares.
+    ``messages``: the watermark messages that count (name → bits, looked for with ``fluxframe-ss`` and
+    ``dwtDct``; name → (method, bits); or name → a list of those); default: ``default_messages()`` (fluxframe's
+    message in both methods, the FLUX reference's in dwtDct) plus the one the signed manifest declares. A
+    message named "configured" (what ``fluxframe verify --config`` passes) sets ``matches_configured``.
 
     A missing or unreadable file, or one that is not a PNG, JPEG or WebP image, raises ProvenanceError; any
     verdict on an image is a report (``ok`` and ``reasons``), never an exception.
@@ -293,7 +345,7 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
         declared = report.fluxframe.get("watermark")
     candidates: dict[str, Any]
     if messages is None:
-        candidates = dict(KNOWN_MESSAGES)
+        candidates = default_messages()
         if isinstance(declared, dict) and declared.get("bits"):
             pair = (declared.get("method", "dwtDct"), declared["bits"])
             try:
@@ -302,7 +354,7 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
             except ProvenanceError:
                 report.notes.append("the watermark message the manifest declares is not a valid message; ignored")
             else:
-                if pair not in _normalise_messages(candidates).values():
+                if not any(pair in pairs for pairs in _normalise_messages(candidates).values()):
                     candidates["declared"] = pair
     else:
         candidates = dict(messages)

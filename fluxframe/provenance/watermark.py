@@ -1,4 +1,8 @@
-"""Invisible pixel watermark: embed and detect a fixed bit message (invisible-watermark's ``dwtDct`` method).
+"""Invisible pixel watermark: embed and detect a fixed bit message.
+
+Methods: ``fluxframe-ss`` (the default: fluxframe's tiled spread-spectrum mark, which survives re-encoding,
+crops and resizes — see ``fluxframe.provenance.robust``), invisible-watermark's ``dwtDct`` (the FLUX reference
+code's, described below; still read by ``verify``), ``dwtDctSvd`` and ``rivaGan``.
 
 The ``dwtDct`` method (as the FLUX reference code and Stable Diffusion's scripts use it) hides the bits in the
 U (blue-difference chroma) channel: one level of a Haar wavelet transform, the approximation band cut into 4×4
@@ -40,6 +44,7 @@ import numpy as np
 
 from fluxframe.core.interfaces import OutputContext, Postprocessor
 from fluxframe.errors import ProvenanceError
+from fluxframe.provenance import robust
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,10 @@ FLUX_REFERENCE_MESSAGE = "1010101111111010000111100111001111010100101110"
 #: Messages ``verify`` looks for when not told otherwise, by name.
 KNOWN_MESSAGES: dict[str, str] = {"fluxframe": FLUXFRAME_MESSAGE, "flux-reference": FLUX_REFERENCE_MESSAGE}
 
-METHODS = ("dwtDct", "dwtDctSvd", "rivaGan")
+ROBUST_METHOD = robust.METHOD
+METHODS = (ROBUST_METHOD, "dwtDct", "dwtDctSvd", "rivaGan")
+#: The method of the shipped configs and of WatermarkPostprocessor when none is named.
+DEFAULT_METHOD = ROBUST_METHOD
 #: The library refuses images with fewer pixels than this (the limit is on area, not on either edge).
 MIN_AREA = 256 * 256
 MIN_BITS, MAX_BITS = 8, 256
@@ -80,6 +88,8 @@ def validate_message(bits: Any, method: str = "dwtDct", *, key: str = "provenanc
                               "unmarked flat images decode to mostly zeros, so a lopsided message would match them")
     if method == "rivaGan" and len(bits) != 32:
         raise ProvenanceError(f"{key}: the rivaGan method carries exactly 32 bits, got {len(bits)}")
+    if method == ROBUST_METHOD:
+        robust.validate_message(bits, key=key)
     return bits
 
 
@@ -247,12 +257,23 @@ def embed(image, bits: str, method: str = "dwtDct") -> tuple[Any, dict]:
     validate_message(bits, method, key="bits")
     width, height = image.size
     record: dict[str, Any] = {"applied": False, "method": method, "bits": bits, "length": len(bits), "reason": None}
-    if width * height < MIN_AREA:
+    if method == ROBUST_METHOD:
+        record["reason"] = robust.too_small(width, height)
+        if record["reason"]:
+            return image, record
+    elif width * height < MIN_AREA:
         record["reason"] = (f"image is {width}x{height} = {width * height} pixels, under the {MIN_AREA} pixels "
                             f"(256x256) the {method} watermark needs; no watermark embedded")
         return image, record
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-    marked = _embed_dwtdct(image, bits) if method == "dwtDct" else _library_embed(image, bits, method)
+    if method == ROBUST_METHOD:
+        from PIL import Image
+
+        marked = Image.fromarray(robust.embed_rgb(_rgb(image), bits))
+    elif method == "dwtDct":
+        marked = _embed_dwtdct(image, bits)
+    else:
+        marked = _library_embed(image, bits, method)
     if alpha is not None:
         marked.putalpha(alpha)
     record["applied"] = True
@@ -288,8 +309,14 @@ def _decode_means(image, lengths: set[int], method: str) -> dict[tuple[str, int]
 
 
 def detect(image, bits_len: int, method: str = "dwtDct") -> str:
-    """The ``bits_len`` bits ``image`` carries, decided as invisible-watermark's stock decoder decides them."""
+    """The ``bits_len`` bits ``image`` carries, decided as invisible-watermark's stock decoder decides them
+    (``fluxframe-ss``: the error-corrected message, or the raw bits when the code does not decode)."""
     validate_method(method, key="method")
+    if method == ROBUST_METHOD:
+        word = robust.read(_rgb(image), {int(bits_len)})["words"].get(int(bits_len))
+        if word is None:
+            return "0" * int(bits_len)
+        return word["message"] or "".join("1" if b else "0" for b in word["hard"][: int(bits_len)])
     return _hard(_decode_means(image, {int(bits_len)}, method)[("standard", int(bits_len))])
 
 
@@ -306,6 +333,57 @@ def false_match_probability(length: int, threshold: float = THRESHOLD, readings:
     return min(1.0, tail * (length + 1) * readings)
 
 
+def robust_false_match_probability(length: int) -> float:
+    """Chance that the error-correcting decoder turns a random coded word into one given ``length``-bit message:
+    the words within its correction radius of that message's codeword, over all words. The sync confidence
+    threshold comes on top (unmarked images stay under it, see ``robust.CONFIDENCE_THRESHOLD``)."""
+    code = robust._bch(length)
+    n = length + code.ecc_bits
+    return sum(math.comb(n, k) for k in range(code.t + 1)) / 2.0**n
+
+
+def _match_robust(image, messages: dict[str, str]) -> dict:
+    """``match`` for ``fluxframe-ss``: detected when the sync confidence reaches ``robust.CONFIDENCE_THRESHOLD``
+    and the error-corrected message equals one of ``messages``. ``agreement`` is the fraction of the coded bits
+    (message and check bits) read right before correction; ``decoded`` the message read, whether or not it is
+    one of ``messages`` (None when the code does not decode); ``confidence`` the sync peak over its noise floor in
+    standard deviations; ``bit_errors`` the bits the code corrected."""
+    result: dict[str, Any] = {"detected": False, "message": None, "agreement": None, "method": ROBUST_METHOD,
+                              "threshold": robust.CONFIDENCE_THRESHOLD, "scores": {}, "stock_agreement": {},
+                              "false_match_probability": None, "reason": None, "confidence": None,
+                              "decoded": None, "bit_errors": None, "scale": None}
+    if not messages:
+        result["reason"] = "no watermark messages to look for"
+        return result
+    read = robust.read(_rgb(image), {len(bits) for bits in messages.values()})
+    result.update(confidence=read["confidence"], scale=read["scale"])
+    if not read["words"]:
+        width, height = image.size
+        result["reason"] = f"image is {width}x{height}: too small to find a {ROBUST_METHOD} mark's period"
+        return result
+    for name, bits in messages.items():
+        word = read["words"][len(bits)]
+        result["scores"][name] = float(np.mean(word["hard"] == (robust.encode_bits(bits) > 0.5)))
+    best = max(result["scores"], key=lambda n: (read["words"][len(messages[n])]["message"] == messages[n],
+                                                result["scores"][n]))
+    word = read["words"][len(messages[best])]
+    result.update(agreement=result["scores"][best], decoded=word["message"], bit_errors=word["errors"])
+    if read["confidence"] < robust.CONFIDENCE_THRESHOLD:
+        result["reason"] = (f"no {ROBUST_METHOD} mark: confidence {read['confidence']:.1f} is under the "
+                            f"{robust.CONFIDENCE_THRESHOLD} threshold")
+        result["decoded"] = result["bit_errors"] = None
+    elif word["message"] is None:
+        result["reason"] = (f"a {ROBUST_METHOD} sync pattern was found (confidence {read['confidence']:.1f}) but "
+                            "its message does not decode: too damaged")
+    elif word["message"] != messages[best]:
+        result["reason"] = (f"a {ROBUST_METHOD} mark was found, but its message {word['message']} is none of "
+                            "those looked for")
+    else:
+        result.update(detected=True, message=best,
+                      false_match_probability=robust_false_match_probability(len(messages[best])))
+    return result
+
+
 def match(image, messages: dict[str, str], method: str = "dwtDct", threshold: float = THRESHOLD) -> dict:
     """Which of ``messages`` (name → bits) the image carries.
 
@@ -316,11 +394,15 @@ def match(image, messages: dict[str, str], method: str = "dwtDct", threshold: fl
     (float32 pixel values, where OpenCV centres chroma at 0.5 instead of 128: its marks line up with the
     quantisation grid only there — the stock decoder reads them inverted in part), and with the decision cut
     adapted to the image (see ``_best_agreement``); the best reading counts. Images too small to carry a mark
-    give ``detected: False`` with a ``reason``.
+    give ``detected: False`` with a ``reason``. ``fluxframe-ss`` is read by ``_match_robust`` (its own
+    ``threshold``, a sync confidence, and more fields); ``threshold`` here applies to the bit agreement of the
+    other methods.
     """
     validate_method(method, key="method")
     for name, bits in messages.items():
         validate_message(bits, method, key=f"watermark message {name!r}")
+    if method == ROBUST_METHOD:
+        return _match_robust(image, messages)
     result: dict[str, Any] = {"detected": False, "message": None, "agreement": None, "method": method,
                               "threshold": threshold, "scores": {}, "stock_agreement": {},
                               "false_match_probability": None, "reason": None}
@@ -361,7 +443,7 @@ class WatermarkPostprocessor(Postprocessor):
     name = "watermark"
     order = 100
 
-    def __init__(self, method: str = "dwtDct", message: str | None = None):
+    def __init__(self, method: str = DEFAULT_METHOD, message: str | None = None):
         self.method = validate_method(method)
         self.message = validate_message(FLUXFRAME_MESSAGE if message is None else message, self.method)
         if self.method == "rivaGan":
@@ -370,10 +452,10 @@ class WatermarkPostprocessor(Postprocessor):
             except ImportError as exc:
                 raise ProvenanceError("provenance.watermark.method: rivaGan needs the onnxruntime package") from exc
 
-    def _check(self, image) -> dict:
+    def _check(self, image, method: str) -> dict:
         """Whether ``image`` carries this postprocessor's mark: ``{"detected", "agreement"}``."""
-        if self.method != "dwtDct":
-            return match(image, {"configured": self.message}, self.method)
+        if method != "dwtDct":
+            return match(image, {"configured": self.message}, method)
         # Our own marks are read in the 8-bit colour space only (the float reading is for FLUX reference marks).
         means = _means(_block_bits(_chroma(_rgb(image))), len(self.message))
         score = _best_agreement(self.message, means)
@@ -381,14 +463,22 @@ class WatermarkPostprocessor(Postprocessor):
 
     def process_image(self, image, context: OutputContext):
         marked, record = embed(image, self.message, self.method)
+        if not record["applied"] and self.method == ROBUST_METHOD and image.size[0] * image.size[1] >= MIN_AREA:
+            # Too small for the robust mark, large enough for dwtDct: a fragile mark beats none, and says so.
+            marked, record = embed(image, self.message, "dwtDct")
+            record["requested_method"] = ROBUST_METHOD
+            record["reason"] = (f"image is {image.size[0]}x{image.size[1]}, under the {robust.MIN_EDGE} pixels per "
+                                f"edge {ROBUST_METHOD} needs: marked with dwtDct instead, which verify reads but "
+                                "which does not survive lossy re-encoding, crops or resizes")
+            log.warning("watermark: %s", record["reason"])
         if record["applied"]:
-            found = self._check(marked)
+            found = self._check(marked, record["method"])
             record["readable"] = found["detected"]
             record["readable_after_encoding"] = found["detected"]
             record["agreement_after_encoding"] = found["agreement"]
             if not found["detected"]:
                 log.warning("the %s watermark cannot be read back from this image (%.0f%% of bits); it is recorded "
-                            "as unreadable", self.method, 100 * (found["agreement"] or 0))
+                            "as unreadable", record["method"], 100 * (found["agreement"] or 0))
         else:
             log.warning("watermark not embedded: %s", record["reason"])
         context.records["watermark"] = record
@@ -403,12 +493,13 @@ class WatermarkPostprocessor(Postprocessor):
         try:
             with Image.open(path) as encoded:
                 encoded.load()
-                found = self._check(encoded)
+                found = self._check(encoded, record["method"])
         except OSError as exc:
             raise ProvenanceError(f"{path}: cannot read the encoded image back to check its watermark: {exc}") from exc
         record["readable_after_encoding"] = found["detected"]
         record["agreement_after_encoding"] = found["agreement"]
         if record.get("readable") and not found["detected"]:
-            log.warning("the %s watermark does not survive this %s encoding (%.0f%% of bits read back); use PNG, "
-                        "lossless WebP or JPEG with 4:4:4 chroma at quality >= 90", self.method, media_type,
-                        100 * (found["agreement"] or 0))
+            advice = ("" if record["method"] == ROBUST_METHOD else "; use PNG, lossless WebP or JPEG with 4:4:4 chroma at "
+                      "quality >= 90, or the fluxframe-ss method")
+            log.warning("the %s watermark does not survive this %s encoding (%.0f%% of bits read back)%s",
+                        record["method"], media_type, 100 * (found["agreement"] or 0), advice)
