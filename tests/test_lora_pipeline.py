@@ -82,7 +82,7 @@ def test_cli_lora_flag_equals_the_config_entry(tmp_path, lora_file, capsys):
 
     assert np.array_equal(np.asarray(Image.open(out)), expected)
     record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
-    assert record["loras"] == [{"file": str(lora_file), "sha256": record["loras"][0]["sha256"], "weight": 0.5}]
+    assert record["loras"] == [{"file": lora_file.name, "sha256": record["loras"][0]["sha256"], "weight": 0.5}]
     assert record["loras"][0]["sha256"].startswith("sha256:")
 
 

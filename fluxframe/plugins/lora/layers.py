@@ -200,7 +200,7 @@ def _plan(model: nn.Module, targets: dict[str, list[Segment]], specs: list[LoraS
                                       _Layer(modules[parent_name] if parent_name else model, attr, module))
             entry.parts[mode].append((layer.down.float(), up))
             modes[mode] += 1
-        records.append({"file": file, "sha256": file_sha256(spec.path), "weight": float(spec.weight),
+        records.append({"file": spec.path.name, "sha256": file_sha256(spec.path), "weight": float(spec.weight),
                         "mode": spec.mode, "layers": len(found), "fused": modes["fuse"], "side": modes["side"]})
     return layers, records
 
