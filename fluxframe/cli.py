@@ -199,7 +199,7 @@ def cmd_config_check(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "encode": cmd_encode, "plugins": cmd_plugins, "config": cmd_config_check}
 # Each module has add_commands(subparsers) -> {command name: function(args) -> exit code}.
-COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli")
+COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli", "fluxframe.demo.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

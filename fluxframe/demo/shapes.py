@@ -1,0 +1,323 @@
+"""The synthetic "shapes" data set the demo model is trained on, and the image analysis that grades its pictures.
+
+A scene is one flat shape (circle, square, triangle, star) of a named colour on a flat background of another named
+colour, at one of five positions and one of two sizes, with its caption in a fixed grammar:
+
+    "a large red circle on the left, on a blue background"
+
+Everything is deterministic from a seed and drawn with PIL (no downloads). ``DATASET_VERSION`` names this exact
+definition (colours, geometry, grammar, held-out split): change any of them and bump it.
+
+The held-out split is a fixed set of (shape, colour, position) triples that never occur in training, with any size or
+background: for each (shape, colour) pair exactly one position is held out, so every shape, colour and position --
+and every pair of them -- is still seen in training, only the combination is new.
+
+The measurement functions (``analyse``) find the shape as the pixels far in colour from the background (estimated
+from the image border), then read its colour (median of the region, nearest named colour), its position (centroid,
+nearest anchor), its size (area) and its shape (solidity against the convex hull, and fill of the bounding box).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+DATASET_VERSION = "shapes-v1"
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (215, 40, 40),
+    "orange": (245, 135, 20),
+    "yellow": (240, 215, 40),
+    "green": (40, 160, 70),
+    "blue": (40, 90, 215),
+    "purple": (135, 60, 185),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
+COLOUR_NAMES = tuple(COLOURS)
+POSITIONS = {  # name -> (phrase, centroid as a fraction of (width, height))
+    "centre": ("in the centre", (0.5, 0.5)),
+    "left": ("on the left", (0.27, 0.5)),
+    "right": ("on the right", (0.73, 0.5)),
+    "top": ("at the top", (0.5, 0.27)),
+    "bottom": ("at the bottom", (0.5, 0.73)),
+}
+POSITION_NAMES = tuple(POSITIONS)
+SIZES = {"small": 0.22, "large": 0.42}  # the shape's nominal extent as a fraction of the image width
+SIZE_CUT = 0.5 * (SIZES["small"] + SIZES["large"])  # measured: the longer side of the region's bounding box
+SIZE_NAMES = tuple(SIZES)
+
+POSITION_JITTER = 0.025  # training scenes move their centroid by up to this fraction of the image
+SIZE_JITTER = 0.06  # and scale by up to ±6 %
+STAR_INNER = 0.45  # inner / outer radius of the five-pointed star (a chunky star stays a star at 256 px)
+
+
+def _held_out() -> frozenset[tuple[str, str, str]]:
+    # One position per (shape, colour) pair; (3·shape + colour) mod 5 spreads them so that each (colour, position)
+    # pair loses at most one shape and each (shape, position) pair one or two colours.
+    return frozenset((s, c, POSITION_NAMES[(3 * si + ci) % len(POSITION_NAMES)])
+                     for si, s in enumerate(SHAPES) for ci, c in enumerate(COLOUR_NAMES))
+
+
+HELD_OUT = _held_out()  # 32 of the 160 (shape, colour, position) triples: 20 %
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    position: str
+    size: str
+    background: str
+    dx: float = 0.0  # centroid offset from the position's anchor, fraction of the image
+    dy: float = 0.0
+    scale: float = 1.0  # multiplies the size's nominal extent
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        return self.shape, self.colour, self.position
+
+    @property
+    def caption(self) -> str:
+        return caption(self.shape, self.colour, self.position, self.size, self.background)
+
+
+def caption(shape: str, colour: str, position: str, size: str, background: str) -> str:
+    article = "an" if background[0] in "aeiou" else "a"
+    return f"a {size} {colour} {shape} {POSITIONS[position][0]}, on {article} {background} background"
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption of the data set's grammar describes (case and spacing ignored), or None."""
+    words = text.lower().replace(",", " , ").split()
+    for name, (phrase, _) in POSITIONS.items():
+        p = phrase.split()
+        if (len(words) == 12 and words[0] == "a" and words[1] in SIZES and words[2] in COLOURS
+                and words[3] in SHAPES and words[4:7] == p and words[7:9] == [",", "on"] and words[9] in ("a", "an")
+                and words[10] in COLOURS and words[11] == "background" and words[10] != words[2]):
+            return Scene(words[3], words[2], name, words[1], words[10])
+    return None
+
+
+def all_scenes(split: str) -> list[Scene]:
+    """Every (shape, colour, position, size, background) of a split ("train" or "held_out"), jitter-free, sorted."""
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    scenes = []
+    for shape in SHAPES:
+        for colour in COLOUR_NAMES:
+            for position in POSITION_NAMES:
+                if ((shape, colour, position) in HELD_OUT) != (split == "held_out"):
+                    continue
+                for size in SIZE_NAMES:
+                    for background in COLOUR_NAMES:
+                        if background != colour:
+                            scenes.append(Scene(shape, colour, position, size, background))
+    return scenes
+
+
+def training_scenes(seed: int, copies: int = 2) -> list[Scene]:
+    """Each training combination ``copies`` times with its own jitter, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(copies):
+        for s in all_scenes("train"):
+            dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+            scale = 1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+            out.append(Scene(s.shape, s.colour, s.position, s.size, s.background, float(dx), float(dy), float(scale)))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def held_out_scenes(count: int = 48) -> list[Scene]:
+    """``count`` held-out scenes (never-trained triples): every held-out triple in turn, the size alternating and the
+    background cycling through the colours other than the shape's, so the list is fixed and balanced."""
+    triples = sorted(HELD_OUT, key=lambda t: (SHAPES.index(t[0]), COLOUR_NAMES.index(t[1]), POSITION_NAMES.index(t[2])))
+    out = []
+    for i in range(count):
+        shape, colour, position = triples[i % len(triples)]
+        backgrounds = [c for c in COLOUR_NAMES if c != colour]
+        size = SIZE_NAMES[(i + i // len(triples)) % 2]
+        out.append(Scene(shape, colour, position, size, backgrounds[(3 * i + 1) % len(backgrounds)]))
+    return out
+
+
+def _polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]] | None:
+    if shape == "triangle":  # equilateral, pointing up; its centroid is the circumcentre
+        r = 0.6 * extent
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (math.radians(d) for d in (-90, 30, 150))]
+    if shape == "star":  # five points, one up; centred on the centre of the circumcircle
+        r_out = 0.58 * extent
+        pts = []
+        for k in range(10):
+            r = r_out if k % 2 == 0 else r_out * STAR_INNER
+            a = math.radians(-90 + 36 * k)
+            pts.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+        return pts
+    return None
+
+
+def render(scene: Scene, size: int = 256, *, supersample: int = 4):
+    """The scene as a ``size``×``size`` RGB PIL image, anti-aliased by drawing at ``supersample``× and reducing."""
+    from PIL import Image, ImageDraw
+
+    big = size * supersample
+    image = Image.new("RGB", (big, big), COLOURS[scene.background])
+    draw = ImageDraw.Draw(image)
+    fx, fy = POSITIONS[scene.position][1]
+    cx, cy = (fx + scene.dx) * big, (fy + scene.dy) * big
+    extent = SIZES[scene.size] * scene.scale * big
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        r = extent / 2
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "square":
+        h = 0.43 * extent
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    else:
+        draw.polygon(_polygon(scene.shape, cx, cy, extent), fill=fill)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+# --- measurement -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Analysis:
+    """What ``analyse`` reads from an image; the names are None where no shape region was found."""
+
+    background: str | None
+    colour: str | None
+    position: str | None
+    shape: str | None
+    size: str | None
+    area: float  # fraction of the image
+    centroid: tuple[float, float]  # fraction of (width, height)
+    solidity: float  # region area / convex hull area
+    fill: float  # region area / bounding box area
+    rgb: tuple[int, int, int]
+
+
+def nearest_colour(rgb) -> str:
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return min(COLOUR_NAMES, key=lambda n: float(np.sum((np.asarray(COLOURS[n], dtype=np.float64) - rgb) ** 2)))
+
+
+def nearest_position(fx: float, fy: float) -> str:
+    return min(POSITION_NAMES, key=lambda n: (POSITIONS[n][1][0] - fx) ** 2 + (POSITIONS[n][1][1] - fy) ** 2)
+
+
+def shape_region(pixels: np.ndarray, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the shape, background RGB): the background is the median of a 3-pixel border, the shape every pixel
+    further than ``threshold`` (Euclidean RGB distance) from it -- then only its largest 4-connected part."""
+    border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
+                             pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)]).astype(np.float64)
+    background = np.median(border, axis=0)
+    distance = np.sqrt(((pixels.astype(np.float64) - background) ** 2).sum(-1))
+    mask = distance > threshold
+    return _largest_component(mask), background
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component, by iterated union of labels along rows and columns (numpy only)."""
+    if not mask.any():
+        return mask
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), -1)
+    big = h * w + 1
+    while True:  # propagate the minimum label through 4-neighbours until nothing changes
+        lab = np.where(mask, labels, big)
+        new = lab.copy()
+        new[1:] = np.minimum(new[1:], np.where(mask[:-1] & mask[1:], lab[:-1], big))
+        new[:-1] = np.minimum(new[:-1], np.where(mask[1:] & mask[:-1], lab[1:], big))
+        new[:, 1:] = np.minimum(new[:, 1:], np.where(mask[:, :-1] & mask[:, 1:], lab[:, :-1], big))
+        new[:, :-1] = np.minimum(new[:, :-1], np.where(mask[:, 1:] & mask[:, :-1], lab[:, 1:], big))
+        new = np.where(mask, new, -1)
+        # pointer jumping: each label takes its own label's label, which makes long chains converge fast
+        flat = new.ravel()
+        valid = flat >= 0
+        flat[valid] = flat[flat[valid]]
+        new = np.where(mask, np.minimum(flat.reshape(h, w), new), -1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    values, counts = np.unique(labels[mask], return_counts=True)
+    return labels == values[np.argmax(counts)]
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of 2-D points (Andrew's monotone chain + shoelace)."""
+    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out: list[tuple[float, float]] = []
+        for px, py in seq:
+            while len(out) >= 2:
+                (ax, ay), (bx, by) = out[-2], out[-1]
+                if (bx - ax) * (py - ay) - (by - ay) * (px - ax) > 0:
+                    break
+                out.pop()
+            out.append((px, py))
+        return out
+
+    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1], dtype=np.float64)
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def _row_extremes(mask: np.ndarray) -> np.ndarray:
+    """The corners of the leftmost and rightmost pixel of every row: the convex hull of these is the hull of the
+    region's pixels (as squares), from about 4·rows points instead of every pixel."""
+    rows = np.nonzero(mask.any(1))[0]
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
+    xs = np.concatenate([left, left, right + 1, right + 1])
+    ys = np.concatenate([rows, rows + 1, rows, rows + 1])
+    return np.stack([xs, ys], 1)
+
+
+def classify_shape(solidity: float, fill: float) -> str:
+    """A star is the only concave shape; the convex ones differ in how much of their bounding box they fill
+    (triangle 1/2, circle π/4, square 1)."""
+    if solidity < 0.8:
+        return "star"
+    if fill < 0.64:
+        return "triangle"
+    if fill < 0.89:
+        return "circle"
+    return "square"
+
+
+def analyse(image, threshold: float = 60.0) -> Analysis:
+    """Read background colour, shape colour, position, size and shape from an RGB image (PIL or H×W×3 uint8)."""
+    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    h, w = pixels.shape[:2]
+    mask, background = shape_region(pixels, threshold)
+    bg_name = nearest_colour(background)
+    area = int(mask.sum())
+    if area < 0.002 * h * w:
+        return Analysis(bg_name, None, None, None, None, area / (h * w), (math.nan, math.nan), math.nan, math.nan,
+                        (0, 0, 0))
+    ys, xs = np.nonzero(mask)
+    rgb = np.median(pixels[mask].astype(np.float64), axis=0)
+    cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    solidity = area / max(_hull_area(_row_extremes(mask)), 1.0)
+    fill = area / box
+    extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / w
+    return Analysis(
+        background=bg_name, colour=nearest_colour(rgb), position=nearest_position(cx, cy),
+        shape=classify_shape(solidity, fill), size="large" if extent > SIZE_CUT else "small",
+        area=area / (h * w), centroid=(float(cx), float(cy)), solidity=float(solidity), fill=float(fill),
+        rgb=tuple(int(round(v)) for v in rgb),
+    )
+
+
+def grade(scene: Scene, found: Analysis) -> dict[str, bool]:
+    return {"colour": found.colour == scene.colour, "position": found.position == scene.position,
+            "shape": found.shape == scene.shape, "size": found.size == scene.size,
+            "background": found.background == scene.background}
