@@ -21,6 +21,7 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
     """Turns prompts into FLUX.2 klein text embeddings with a Qwen3 model and its tokenizer."""
 
     hidden_layers = (9, 18, 27)
+    tapped_by = "FLUX.2 klein"
     model_type = "qwen3"
 
     def __init__(self, model, tokenizer, *, max_length: int = 512):
@@ -28,7 +29,7 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self._text_config = model.config
-        _check_layers(self._text_config, None)
+        self.check_layers(self._text_config, None)
         if getattr(tokenizer, "chat_template", None) is None:
             raise CheckpointError("the tokenizer has no chat template")
         self._backbone = getattr(model, "model", model)  # hidden states without the B x L x vocab logits
@@ -42,7 +43,7 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         config_file = text_encoder_dir / "config.json"
         config = read_encoder_config(text_encoder_dir, cls.model_type, "Qwen3")
-        _check_layers(config, str(config_file))
+        cls.check_layers(config, str(config_file))
         tokenizer = _load_tokenizer(tokenizer_dir)
         try:
             model = Qwen3ForCausalLM.from_pretrained(text_encoder_dir, config=config, dtype=dtype, use_safetensors=True,
@@ -68,13 +69,3 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
         messages = [{"role": "system", "content": system_message}, {"role": "user", "content": prompt}]
         return generate_text(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, enable_thinking=False)
-
-
-def _check_layers(config, config_file: str | None) -> None:
-    needed = max(Qwen3PromptEncoder.hidden_layers)
-    if config.num_hidden_layers < needed:
-        raise CheckpointError(
-            f"the text encoder has {config.num_hidden_layers} hidden layers; FLUX.2 klein taps layers "
-            f"{list(Qwen3PromptEncoder.hidden_layers)}, so it needs at least {needed}",
-            file=config_file, key="num_hidden_layers",
-        )

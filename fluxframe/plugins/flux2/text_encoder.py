@@ -78,9 +78,22 @@ class HiddenStateEncoder:
     ``hidden_layers`` into (B, L, len(hidden_layers)·hidden) embeddings. Subclasses tokenize."""
 
     hidden_layers: tuple[int, ...] = ()
+    tapped_by = "FLUX.2"  # the model named in messages
     _text_config = None
     _backbone = None
     model = None
+
+    @classmethod
+    def check_layers(cls, text_config, config_file: str | None) -> None:
+        """CheckpointError naming the config file when the language model is too shallow for the taps."""
+        needed = max(cls.hidden_layers)
+        if text_config.num_hidden_layers < needed:
+            raise CheckpointError(
+                f"the text encoder has {text_config.num_hidden_layers} hidden layers; {cls.tapped_by} taps layers "
+                f"{list(cls.hidden_layers)}, so it needs at least {needed}",
+                file=config_file,
+                key="num_hidden_layers",
+            )
 
     @property
     def embed_dim(self) -> int:
@@ -119,7 +132,7 @@ class MistralPromptEncoder(HiddenStateEncoder):
         self.max_length = max_length
         self._text_config = model.config.get_text_config()
         source = getattr(model, "name_or_path", "") or ""
-        _check_layers(self._text_config, str(Path(source) / "config.json") if source else None)
+        self.check_layers(self._text_config, str(Path(source) / "config.json") if source else None)
         if getattr(tokenizer, "chat_template", None) is None:
             raise CheckpointError("the tokenizer has no chat template")
         if tokenizer.pad_token_id is None:
@@ -138,7 +151,7 @@ class MistralPromptEncoder(HiddenStateEncoder):
         config_file = text_encoder_dir / "config.json"
         config = read_encoder_config(text_encoder_dir, "mistral3", "Mistral-3")
         # Checked before loading so that a wrong checkpoint fails in milliseconds, not after reading 48 GB.
-        _check_layers(config.get_text_config(), str(config_file))
+        cls.check_layers(config.get_text_config(), str(config_file))
         tokenizer = _load_tokenizer(tokenizer_dir)
         device = torch.device(device)
         try:
@@ -219,17 +232,6 @@ def generate_text(model, tokenizer, messages: list[dict], *, max_new_tokens: int
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def _check_layers(text_config, config_file: str | None) -> None:
-    needed = max(MistralPromptEncoder.hidden_layers)
-    if text_config.num_hidden_layers < needed:
-        raise CheckpointError(
-            f"the text encoder has {text_config.num_hidden_layers} hidden layers; FLUX.2 taps layers "
-            f"{list(MistralPromptEncoder.hidden_layers)}, so it needs at least {needed}",
-            file=config_file,
-            key="num_hidden_layers",
-        )
 
 
 def _require_safetensors(folder: Path) -> None:
