@@ -463,14 +463,16 @@ class WatermarkPostprocessor(Postprocessor):
 
     def process_image(self, image, context: OutputContext):
         marked, record = embed(image, self.message, self.method)
-        if not record["applied"] and self.method == ROBUST_METHOD and image.size[0] * image.size[1] >= MIN_AREA:
-            # Too small for the robust mark, large enough for dwtDct: a fragile mark beats none, and says so.
-            marked, record = embed(image, self.message, "dwtDct")
-            record["requested_method"] = ROBUST_METHOD
-            record["reason"] = (f"image is {image.size[0]}x{image.size[1]}, under the {robust.MIN_EDGE} pixels per "
-                                f"edge {ROBUST_METHOD} needs: marked with dwtDct instead, which verify reads but "
-                                "which does not survive lossy re-encoding, crops or resizes")
-            log.warning("watermark: %s", record["reason"])
+        if not record["applied"] and self.method == ROBUST_METHOD:
+            # Too small for the robust mark: a fragile dwtDct mark beats none where dwtDct's own minimum allows it.
+            fallback, fallback_record = embed(image, self.message, "dwtDct")
+            if fallback_record["applied"]:
+                marked, record = fallback, fallback_record
+                record["requested_method"] = ROBUST_METHOD
+                record["reason"] = (f"image is {image.size[0]}x{image.size[1]}, under the {robust.MIN_EDGE} pixels "
+                                    f"per edge {ROBUST_METHOD} needs: marked with dwtDct instead, which verify reads "
+                                    "but which does not survive lossy re-encoding, crops or resizes")
+                log.warning("watermark: %s", record["reason"])
         if record["applied"]:
             found = self._check(marked, record["method"])
             record["readable"] = found["detected"]
@@ -499,7 +501,7 @@ class WatermarkPostprocessor(Postprocessor):
         record["readable_after_encoding"] = found["detected"]
         record["agreement_after_encoding"] = found["agreement"]
         if record.get("readable") and not found["detected"]:
-            advice = ("" if record["method"] == ROBUST_METHOD else "; use PNG, lossless WebP or JPEG with 4:4:4 chroma at "
-                      "quality >= 90, or the fluxframe-ss method")
+            advice = ("" if record["method"] == ROBUST_METHOD else
+                      "; use PNG, lossless WebP or JPEG with 4:4:4 chroma at quality >= 90, or the fluxframe-ss method")
             log.warning("the %s watermark does not survive this %s encoding (%.0f%% of bits read back)%s",
                         record["method"], media_type, 100 * (found["agreement"] or 0), advice)

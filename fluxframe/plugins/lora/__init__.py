@@ -8,7 +8,7 @@ mixing in ``LoraSupport`` and naming its key table in ``lora_rules``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ class LoraSupport:
 
     name: str
     _applied: AppliedLoras | None = None
-    loras: Sequence[dict[str, Any]] = ()
 
     def lora_rules(self) -> Iterable[tuple[str, tuple[str, ...], str]]:
         """The family's key table: (fluxframe key, diffusers keys, kind), as its keymap.rules yields it."""

@@ -103,7 +103,7 @@ def fuse(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> _Fused:
         back = (fused.float() - delta).to(weight.dtype)
         lost = (_bits(back) != _bits(w)).view(-1).nonzero().view(-1) + band.start * weight.shape[1]
         index.append(lost.to(torch.int32) if weight.numel() < 2**31 else lost)
-        value.append(bits[lost].clone())
+        value.append(bits[lost])  # advanced indexing copies
         w.copy_(fused)
     return _Fused(down, up, torch.cat(index), torch.cat(value), checksum)
 
