@@ -15,6 +15,7 @@ the run also reports whether the checkpoint is still mapped into the process aft
     .venv/bin/python bench/loading.py                       # write 2 GB to a temp folder, compare, clean up
     .venv/bin/python bench/loading.py --folder /tmp/ck --keep --json
     .venv/bin/python bench/loading.py write FOLDER [--dtype float32] [--layers 4 --single-layers 7]
+    .venv/bin/python bench/loading.py --quantize int8 --quantize nf4   # also fluxframe quantising while loading
     .venv/bin/python bench/loading.py load FOLDER --impl fluxframe --dtype bfloat16   # one run, JSON out
 """
 
@@ -90,15 +91,19 @@ def write_checkpoint(folder: Path, *, dtype: str = "bfloat16", hidden: int = 204
 # ----------------------------------------------------------------------------------------------- load
 
 
-def load_once(folder: Path, impl: str, dtype: str) -> dict:
-    """Load in this process (meant to be a fresh one) and measure."""
+def load_once(folder: Path, impl: str, dtype: str, quantize: str | None = None) -> dict:
+    """Load in this process (meant to be a fresh one) and measure; ``quantize`` (fluxframe only): the
+    ``quantize`` memory strategy's format, applied while loading as a pipeline with that strategy does."""
     import torch
 
     if impl == "fluxframe":
         from fluxframe.plugins.flux2.family import load_transformer
+        from fluxframe.plugins.memory import Quantize
+
+        memory = Quantize(quantize) if quantize else None
 
         def load():
-            return load_transformer(folder, getattr(torch, dtype), torch.device("cpu"))
+            return load_transformer(folder, getattr(torch, dtype), torch.device("cpu"), memory)
     elif impl == "diffusers":
         from diffusers import Flux2Transformer2DModel
         from diffusers.utils import logging as diffusers_logging
@@ -109,6 +114,8 @@ def load_once(folder: Path, impl: str, dtype: str) -> dict:
             return Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
     else:
         raise ValueError(impl)
+    if quantize and impl != "fluxframe":
+        raise ValueError("--quantize: fluxframe's loader only")
     gc.collect()
     baseline = _rss_kib()
     t0 = time.perf_counter()
@@ -117,30 +124,32 @@ def load_once(folder: Path, impl: str, dtype: str) -> dict:
     gc.collect()
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with torch.no_grad():
-        checksum = sum(float(p.sum())
-                       for p in model.parameters())  # touches every page, copies nothing
+        checksum = sum(int(t.reshape(-1).view(torch.uint8).max())
+                       for t in model.state_dict().values())  # touches every page, copies nothing
     peak_ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     resolved = str(folder.resolve())
     with open("/proc/self/maps") as f:
         mapped = sum(1 for line in f if resolved in line)
-    params = list(model.parameters())
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # quantised weights are buffers
     return {
-        "impl": impl, "dtype": dtype, "seconds": seconds,
+        "impl": impl + (f"+{quantize}" if quantize else ""), "dtype": dtype, "seconds": seconds,
         "baseline_bytes": baseline * 1024,
         "peak_load_bytes": (peak_load - baseline) * 1024,
         "peak_ready_bytes": (peak_ready - baseline) * 1024,
-        "model_bytes": sum(p.numel() * p.element_size() for p in params),
-        "param_dtypes": sorted({str(p.dtype) for p in params}),
+        "model_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "file_mappings_after_load": mapped,
         "checksum": checksum,
     }
 
 
-def run_child(folder: Path, impl: str, dtype: str, threads: int | None = None) -> dict:
+def run_child(folder: Path, impl: str, dtype: str, threads: int | None = None, quantize: str | None = None) -> dict:
     """``load_once`` in a fresh interpreter; returns its JSON result."""
     cmd = [sys.executable, __file__, "load", str(folder), "--impl", impl, "--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
+    if quantize:
+        cmd += ["--quantize", quantize]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -166,6 +175,7 @@ def main() -> int:
     ld.add_argument("--impl", choices=("fluxframe", "diffusers"), required=True)
     ld.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     ld.add_argument("--threads", type=int)
+    ld.add_argument("--quantize", choices=("int8", "fp8", "nf4"), help="fluxframe: quantise while loading")
     for q in (p, w):
         q.add_argument("--dtype", dest="file_dtype", choices=DTYPES, default="bfloat16",
                        help="dtype of the checkpoint file")
@@ -176,6 +186,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoint folder")
     p.add_argument("--load-dtype", choices=DTYPES, default=None, help="target dtype (default: the file's)")
     p.add_argument("--repeat", type=int, default=1, help="runs per loader; the median time is shown")
+    p.add_argument("--quantize", action="append", choices=("int8", "fp8", "nf4"),
+                   help="also load with fluxframe quantising while it loads (repeatable)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -184,7 +196,7 @@ def main() -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(load_once(args.folder, args.impl, args.dtype)))
+        print(json.dumps(load_once(args.folder, args.impl, args.dtype, args.quantize)))
         return 0
     shape = dict(dtype=args.file_dtype, hidden=args.hidden, layers=args.layers, single_layers=args.single_layers)
     if args.cmd == "write":
@@ -201,36 +213,38 @@ def main() -> int:
             print(f"wrote {folder} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         size = checkpoint_bytes(folder)
         load_dtype = args.load_dtype or args.file_dtype
-        runs: dict[str, list[dict]] = {"fluxframe": [], "diffusers": []}
+        loaders = {"fluxframe": ("fluxframe", None), "diffusers": ("diffusers", None)}
+        loaders.update({f"fluxframe+{q}": ("fluxframe", q) for q in args.quantize or []})
+        runs: dict[str, list[dict]] = {name: [] for name in loaders}
         for _ in range(args.repeat):
-            for impl in runs:  # alternate, so page-cache and machine-load drift hit both
-                runs[impl].append(run_child(folder, impl, load_dtype))
+            for name, (impl, quantize) in loaders.items():  # alternate, so page-cache and load drift hit all
+                runs[name].append(run_child(folder, impl, load_dtype, quantize=quantize))
         rows = {}
-        for impl, rs in runs.items():
+        for name, rs in runs.items():
             rs.sort(key=lambda r: r["seconds"])
-            rows[impl] = dict(rs[len(rs) // 2], peak_ready_bytes=max(r["peak_ready_bytes"] for r in rs),
+            rows[name] = dict(rs[len(rs) // 2], peak_ready_bytes=max(r["peak_ready_bytes"] for r in rs),
                               peak_load_bytes=max(r["peak_load_bytes"] for r in rs))
-        ours, theirs = rows["fluxframe"], rows["diffusers"]
-        ratios = {
-            "peak_ready": ours["peak_ready_bytes"] / theirs["peak_ready_bytes"],
-            "peak_load": ours["peak_load_bytes"] / max(1, theirs["peak_load_bytes"]),
-            "seconds": ours["seconds"] / theirs["seconds"],
-        }
+        theirs = rows["diffusers"]
+        ratios = {name: {"peak_ready": r["peak_ready_bytes"] / theirs["peak_ready_bytes"],
+                         "peak_load": r["peak_load_bytes"] / max(1, theirs["peak_load_bytes"]),
+                         "seconds": r["seconds"] / theirs["seconds"]}
+                  for name, r in rows.items() if name != "diffusers"}
         result = {"checkpoint_bytes": size, "file_dtype": args.file_dtype, "load_dtype": load_dtype,
-                  "runs": rows, "ratios_fluxframe_over_diffusers": ratios}
+                  "runs": rows, "ratios_over_diffusers": ratios}
         if args.json:
             print(json.dumps(result, indent=2))
         else:
             print(f"checkpoint {size / 1e9:.2f} GB ({args.file_dtype}) -> {load_dtype}, "
                   f"peak RSS above the post-import baseline, GiB")
-            print(f"{'loader':<10} {'time s':>7} {'peak@load':>10} {'peak@ready':>11} {'/ckpt':>6} "
+            print(f"{'loader':<15} {'time s':>7} {'peak@load':>10} {'peak@ready':>11} {'/ckpt':>6} "
                   f"{'model':>7} {'mapped':>7}")
-            for impl, r in rows.items():
-                print(f"{impl:<10} {r['seconds']:7.2f} {_gib(r['peak_load_bytes']):>10} "
+            for name, r in rows.items():
+                print(f"{name:<15} {r['seconds']:7.2f} {_gib(r['peak_load_bytes']):>10} "
                       f"{_gib(r['peak_ready_bytes']):>11} {r['peak_ready_bytes'] / size:6.2f} "
                       f"{_gib(r['model_bytes']):>7} {r['file_mappings_after_load']:>7}")
-            print(f"fluxframe / diffusers: peak@ready {ratios['peak_ready']:.2f}, "
-                  f"peak@load {ratios['peak_load']:.2f}, time {ratios['seconds']:.2f}")
+            for name, q in ratios.items():
+                print(f"{name} / diffusers: peak@ready {q['peak_ready']:.2f}, peak@load {q['peak_load']:.2f}, "
+                      f"time {q['seconds']:.2f}")
     finally:
         if not args.keep and args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)

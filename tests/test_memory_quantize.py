@@ -195,3 +195,90 @@ def test_quantize_config_errors(diffusers_flux2_folder, host):
     assert err.value.key == "memory.quantize.bits"
     with pytest.raises(ValueError, match="double_blocks"):
         Quantize().place("transformer", nn.Sequential(nn.Linear(2, 2)), "cpu")
+
+
+def _watch_float_linears(strategy, counts):
+    """Wrap ``strategy.while_loading`` so that after every loaded key ``counts`` gets the number of block
+    linears still holding a full-precision (loaded, not yet quantised) weight."""
+    from fluxframe.plugins.memory.quantize import _block_linears
+
+    inner = strategy.while_loading
+
+    def while_loading(component, module):
+        hook = inner(component, module)
+        if hook is None:
+            return None
+
+        def loaded(key):
+            hook(key)
+            counts.append(sum(not linear.weight.is_meta for _, _, linear in _block_linears(module)))
+
+        return loaded
+
+    strategy.while_loading = while_loading
+    return strategy
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("family", ["flux2", "flex2"])
+def test_quantized_while_loading(diffusers_flux2_folder, flux1_folder, family, fmt):
+    """The family loaders quantise each block linear the moment its tensors are read (the ``while_loading``
+    hook), so at no point is more than one full-precision block weight alive; the codes and scales are exactly
+    those of quantising a fully loaded DiT, and ``place`` finds nothing left to do."""
+    from fluxframe.plugins.flex2.family import load_transformer as load_flex2
+    from fluxframe.plugins.flex2.family import locate
+    from fluxframe.plugins.flux2.family import load_transformer as load_flux2
+    from fluxframe.plugins.memory.quantize import quantize_blocks
+
+    if family == "flux2":
+        def load(memory=None):
+            return load_flux2(diffusers_flux2_folder / "transformer", torch.float32, torch.device("cpu"), memory)
+    else:
+        source, _ = locate(flux1_folder)
+
+        def load(memory=None):
+            return load_flex2(source, torch.float32, torch.device("cpu"), memory)
+
+    counts: list[int] = []
+    strategy = _watch_float_linears(Quantize(fmt, group_size=32), counts)
+    streamed = load(strategy)
+    quantized = {k: m for k, m in streamed.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized and strategy.stats["layers"] == len(quantized)
+    assert max(counts) <= 1 and counts[-1] == 0, counts  # a Flux.1 linear waits for its bias, then goes
+    stats = dict(strategy.stats)
+    assert strategy.place("transformer", streamed, "cpu") is streamed
+    assert strategy.stats == stats  # nothing left for place to quantise
+
+    after = load()
+    expected = quantize_blocks(after, fmt, 32)
+    assert expected == stats
+    for name, module in after.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(module.codes, quantized[name].codes) and torch.equal(module.scale, quantized[name].scale)
+    assert all(torch.equal(a, b) for a, b in zip(after.state_dict().values(), streamed.state_dict().values()))
+
+
+def test_quantize_without_the_hook_still_quantizes(diffusers_flux2_folder):
+    """A model family that does not call ``while_loading`` gets its DiT quantised by ``place``, as before."""
+    from fluxframe.plugins.flux2.family import load_transformer
+
+    strategy = Quantize("int8")
+    dit = strategy.place("transformer", load_transformer(diffusers_flux2_folder / "transformer", torch.float32,
+                                                         torch.device("cpu")), "cpu")
+    layers = [m for m in dit.modules() if isinstance(m, QuantLinear)]
+    assert layers and strategy.stats["layers"] == len(layers)
+
+
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=FP8), "nf4"])
+def test_quantized_in_row_bands_is_exact(fmt, monkeypatch):
+    """Large layers are quantised in bands of rows (small float32 temporaries); the codes and scales are exactly
+    those of the whole layer at once, uneven last band included."""
+    from fluxframe.plugins.memory import quantize
+
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    whole = quantize.quantize_weight(w, fmt, 32)
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 5 * 96)  # bands of 5 rows: 7 full, one of 2
+    banded = quantize.quantize_weight(w, fmt, 32)
+    assert whole[0].shape == banded[0].shape and whole[1].shape == banded[1].shape
+    assert torch.equal(whole[0].view(torch.uint8), banded[0].view(torch.uint8))
+    assert torch.equal(whole[1], banded[1])

@@ -303,6 +303,7 @@ def load_into(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     what: str = "model",
+    on_loaded: Callable[[str], None] | None = None,
 ) -> None:
     """Fill every parameter and persistent buffer of ``module`` (typically built under
     ``with torch.device('meta')``) from ``checkpoint``, replacing the tensors in place.
@@ -318,7 +319,8 @@ def load_into(
     Parameters shared between submodules stay shared, and are filled from whichever of their names the
     checkpoint has. Non-persistent buffers are not in checkpoints and are left untouched: if the module
     was built on meta, the caller (or the module) must recompute them on ``device``.
-    ``what`` names the component in messages ("transformer", "vae").
+    ``what`` names the component in messages ("transformer", "vae"). ``on_loaded``, if given, is called with
+    each model key as soon as its tensor is in place (a memory strategy's ``while_loading`` hook).
     """
     key_map = key_map or {}
     # model key -> (owning submodule, attribute name, is parameter), grouped by tensor identity so that
@@ -412,6 +414,10 @@ def load_into(
             sub, name, is_param = slots[k]
             (sub._parameters if is_param else sub._buffers)[name] = tensor
         del tensor  # drop our reference before reading the next one
+        for k in group:
+            del slots[k]  # nor keep the submodule alive: the hook may replace it (quantize)
+            if on_loaded is not None:
+                on_loaded(k)
 
 
 def save_sharded(

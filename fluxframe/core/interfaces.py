@@ -255,6 +255,13 @@ class MemoryStrategy(ABC):
         says the CPU, so the weights never pass through the accelerator's memory)."""
         return device
 
+    def while_loading(self, component: str, module: Any) -> Callable[[str], None] | None:
+        """Called with ``component``'s module as built, before any weight is read (families build on the meta
+        device); may return a function the loader then calls with each state-dict key as soon as that tensor
+        is in place. ``quantize`` uses it to rewrite each layer the moment it is whole, so the full-precision
+        weights are never all in memory at once. None: nothing to do while loading."""
+        return None
+
     @abstractmethod
     def place(self, component: str, module: Any, device: Any) -> Any:
         """Called once per component after loading; returns the module to use."""
@@ -308,6 +315,17 @@ class ComposedStrategy(MemoryStrategy):
         if placer is not None:
             return placer.load_device(component, device)
         return next((s.load_device(component, device) for s in self.strategies if s.rewrites_weights), device)
+
+    def while_loading(self, component, module):
+        hooks = [h for s in self.strategies if (h := s.while_loading(component, module)) is not None]
+        if len(hooks) < 2:
+            return hooks[0] if hooks else None
+
+        def loaded(key: str) -> None:
+            for hook in hooks:
+                hook(key)
+
+        return loaded
 
     def place(self, component, module, device):
         for strategy in self.strategies:

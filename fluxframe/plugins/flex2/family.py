@@ -94,8 +94,9 @@ def _layout(ckpt: SafetensorsCheckpoint) -> str | None:
                           "(no x_embedder.weight, no img_in.weight)", file=str(ckpt.path))
 
 
-def load_transformer(source: Path, dtype, device) -> Flux1Transformer:
-    """From a diffusers transformer/ folder or a single file, whichever the keys say it is."""
+def load_transformer(source: Path, dtype, device, memory: MemoryStrategy | None = None) -> Flux1Transformer:
+    """From a diffusers transformer/ folder or a single file, whichever the keys say it is; ``memory``'s
+    while_loading hook (quantize) runs as it loads."""
     with SafetensorsCheckpoint.open(source) as ckpt:
         prefix = _layout(ckpt)
         if prefix is None:
@@ -110,7 +111,8 @@ def load_transformer(source: Path, dtype, device) -> Flux1Transformer:
                                   f"runs 196 (Flex.2) or 64 (Flux.1)", file=str(source), key="in_channels")
         with torch.device("meta"):
             model = Flux1Transformer(config)
-        load_into(model, ckpt, key_map=key_map, dtype=dtype, device=device, what="transformer")
+        on_loaded = memory.while_loading("transformer", model) if memory is not None else None
+        load_into(model, ckpt, key_map=key_map, dtype=dtype, device=device, what="transformer", on_loaded=on_loaded)
     return model.eval().requires_grad_(False)
 
 
@@ -199,7 +201,7 @@ class Flex2(LoraSupport, ModelFamily):
             raise ConfigError("the flex2 family has no presets; give `path`", path=config.source, key="model.preset")
         source, folder = locate(config.model_path)
         device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
-        transformer = load_transformer(source, dtype, memory.load_device("transformer", device))
+        transformer = load_transformer(source, dtype, memory.load_device("transformer", device), memory)
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         if vae.latent_channels * 4 != transformer.config.output_channels:

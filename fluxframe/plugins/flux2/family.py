@@ -134,12 +134,16 @@ def is_base_model(folder: Path, guidance_embeds: bool) -> bool:
     return not guidance_embeds and not (index.is_file() and _read_json(index).get("is_distilled", False))
 
 
-def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Transformer:
+def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device,
+                     memory: MemoryStrategy | None = None) -> Flux2Transformer:
+    """The DiT of a diffusers transformer/ folder; ``memory``'s while_loading hook (quantize) runs as it loads."""
     config = TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     with torch.device("meta"):
         model = Flux2Transformer(config)
+    on_loaded = memory.while_loading("transformer", model) if memory is not None else None
     with SafetensorsCheckpoint.open(folder) as ckpt:
-        load_into(model, ckpt, key_map=keymap.from_diffusers(config), dtype=dtype, device=device, what="transformer")
+        load_into(model, ckpt, key_map=keymap.from_diffusers(config), dtype=dtype, device=device, what="transformer",
+                  on_loaded=on_loaded)
     return model.eval().requires_grad_(False)
 
 
@@ -233,7 +237,8 @@ class Flux2(LoraSupport, ModelFamily):
         check_folder(folder)
         device = resolve_device(config.model.device)
         dtype = DTYPES[config.model.dtype]
-        transformer = load_transformer(folder / "transformer", dtype, memory.load_device("transformer", device))
+        transformer = load_transformer(folder / "transformer", dtype, memory.load_device("transformer", device),
+                                       memory)
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         return cls(folder, transformer, vae, device=device, dtype=dtype, memory=memory)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, fingerprint, load_into
+from fluxframe.core.interfaces import MemoryStrategy
 from fluxframe.errors import CheckpointError, ConfigError
 
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
@@ -229,12 +230,14 @@ def check(config) -> list[str]:
     return [] if kind != "custom" else [f"{dit.name}: not a known FLUX.2 shape (dev, klein 4B, klein 9B)"]
 
 
-def load_transformer(file: Path, dtype: torch.dtype, device: torch.device) -> Flux2Transformer:
+def load_transformer(file: Path, dtype: torch.dtype, device: torch.device,
+                     memory: MemoryStrategy | None = None) -> Flux2Transformer:
     with SafetensorsCheckpoint.open(file) as ckpt:
         config = transformer_config(_shapes(ckpt), str(file))
         with torch.device("meta"):
             model = Flux2Transformer(config)
-        load_into(model, ckpt, dtype=dtype, device=device, what="transformer")
+        on_loaded = memory.while_loading("transformer", model) if memory is not None else None
+        load_into(model, ckpt, dtype=dtype, device=device, what="transformer", on_loaded=on_loaded)
     return model.eval().requires_grad_(False)
 
 
@@ -255,8 +258,8 @@ def load(family_cls, config, memory):
 
     dit, vae_file, te = paths(config)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
-    transformer = memory.place("transformer", load_transformer(dit, dtype, memory.load_device("transformer", device)),
-                               device)
+    transformer = load_transformer(dit, dtype, memory.load_device("transformer", device), memory)
+    transformer = memory.place("transformer", transformer, device)
     vae = memory.place("vae", load_autoencoder(vae_file, dtype, memory.load_device("vae", device)), device)
     model = family_cls(te, transformer, vae, device=device, dtype=dtype, memory=memory)
     model._checkpoint_id = fingerprint(dit, vae_file, te / "text_encoder")

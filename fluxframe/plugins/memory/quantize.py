@@ -20,6 +20,9 @@ group-offload`` streams the quantised blocks.
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +43,22 @@ def _has_fp8() -> bool:
     return hasattr(torch, "float8_e4m3fn")
 
 
+_CHUNK_ELEMENTS = 1 << 22  # rows are quantised in bands of about this many weights (16 MB of float32 temporaries)
+
+
 def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, float32 scales) of a 2-D weight (out, in)."""
+    """(codes, float32 scales) of a 2-D weight (out, in). Every scale covers part of one row, so the rows are
+    quantised in bands: the float32 temporaries stay small whatever the layer's size."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    rows = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return _quantize_rows(w, fmt, group_size)
+    parts = [_quantize_rows(w[i:i + rows], fmt, group_size) for i in range(0, w.shape[0], rows)]
+    return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_rows(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach().float()
     if fmt == "int8":
         scale = (w.abs().amax(1) / 127).clamp_min(_TINY)
@@ -57,7 +74,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 64) -> tuple[to
         index = torch.bucketize(groups / scale[:, None], (levels[1:] + levels[:-1]) / 2)  # the nearest level
         pairs = index.view(-1, 2).to(torch.uint8)
         return pairs[:, 0] << 4 | pairs[:, 1], scale
-    raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    raise AssertionError(fmt)
 
 
 def _nf4_byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,18 +136,71 @@ def _block_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def quantize_blocks(module: nn.Module, fmt: str, group_size: int = 64) -> dict[str, int]:
-    """Replace the block linears of a DiT in place; returns {"layers", "bytes_before", "bytes_after"} of the
-    replaced weights."""
-    stats = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+def _new_stats() -> dict[str, int]:
+    return {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+
+
+def _replace(parent: nn.Module, name: str, linear: nn.Linear, fmt: str, group_size: int, stats: dict) -> None:
     with torch.no_grad():
-        for parent, name, linear in _block_linears(module):
-            layer = QuantLinear(linear, fmt, group_size)
-            setattr(parent, name, layer)
-            stats["layers"] += 1
-            stats["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
-            stats["bytes_after"] += layer.nbytes
+        layer = QuantLinear(linear, fmt, group_size)
+    setattr(parent, name, layer)
+    stats["layers"] += 1
+    stats["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
+    stats["bytes_after"] += layer.nbytes
+
+
+def quantize_blocks(module: nn.Module, fmt: str, group_size: int = 64, stats: dict | None = None) -> dict[str, int]:
+    """Replace the block linears of a DiT in place; returns {"layers", "bytes_before", "bytes_after"} of the
+    replaced weights (added to ``stats`` if given)."""
+    stats = _new_stats() if stats is None else stats
+    for parent, name, linear in _block_linears(module):
+        _replace(parent, name, linear, fmt, group_size, stats)
     return stats
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Without it a
+    full-precision weight freed after quantisation stays in the process's heap between the codes allocated
+    after it, and the resident size of a quantising load climbs towards the full-precision model's anyway."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def quantize_while_loading(module: nn.Module, fmt: str, group_size: int = 64,
+                           stats: dict | None = None) -> Callable[[str], None]:
+    """For a DiT built on the meta device: a ``load_into`` ``on_loaded`` hook that quantises each block linear
+    as soon as its weight (and bias) are loaded, so the loader's peak memory is the quantised model plus one
+    full-precision tensor, not the full-precision model."""
+    stats = _new_stats() if stats is None else stats
+    paths = {id(m): path for path, m in module.named_modules()}
+    pending: dict[str, tuple[nn.Module, str, nn.Linear, set[str]]] = {}
+    for parent, name, linear in _block_linears(module):
+        tensors = {n for n, p in linear.named_parameters(recurse=False) if p is not None}
+        pending[paths[id(linear)]] = (parent, name, linear, tensors)
+
+    def loaded(key: str) -> None:
+        path, _, leaf = key.rpartition(".")
+        entry = pending.get(path)
+        if entry is None:
+            return
+        parent, name, linear, waiting = entry
+        waiting.discard(leaf)
+        if not waiting:
+            del pending[path]
+            _replace(parent, name, linear, fmt, group_size, stats)
+            del entry, linear
+            _release_freed_memory()
+
+    return loaded
 
 
 class Quantize(MemoryStrategy):
@@ -152,12 +222,23 @@ class Quantize(MemoryStrategy):
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
             raise ValueError(f"group_size: expected a positive even integer, got {group_size!r}")
         self.format, self.group_size = format, group_size
-        self.stats = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+        self.stats = _new_stats()
+        self._loading: nn.Module | None = None  # the DiT while_loading is quantising
 
     def load_device(self, component, device):
         return torch.device("cpu") if component == "transformer" else device
 
+    def while_loading(self, component, module):
+        if component != "transformer":
+            return None
+        self.stats = _new_stats()
+        self._loading = module
+        return quantize_while_loading(module, self.format, self.group_size, self.stats)
+
     def place(self, component, module, device):
-        if component == "transformer":
-            self.stats = quantize_blocks(module, self.format, self.group_size)
+        if component == "transformer":  # whatever was not quantised while loading (a family without the hook)
+            if self._loading is not module:
+                self.stats = _new_stats()
+            self._loading = None
+            quantize_blocks(module, self.format, self.group_size, self.stats)
         return module
