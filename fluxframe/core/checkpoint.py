@@ -420,6 +420,18 @@ def load_into(
                 on_loaded(k)
 
 
+def build_and_load(build: Callable[[], torch.nn.Module], checkpoint: SafetensorsCheckpoint, *, what: str,
+                   memory: Any = None, **options: Any) -> Any:
+    """``build()`` on the meta device, then filled from ``checkpoint`` by ``load_into`` (``options``: key_map,
+    dtype, device); ``memory``'s ``while_loading`` hook, if it has one for component ``what``, sees every key as
+    its tensor lands. Returns the module in eval mode, without gradients."""
+    with torch.device("meta"):
+        model = build()
+    on_loaded = memory.while_loading(what, model) if memory is not None else None
+    load_into(model, checkpoint, what=what, on_loaded=on_loaded, **options)
+    return model.eval().requires_grad_(False)
+
+
 def save_sharded(
     state_dict: dict[str, torch.Tensor],
     folder: Path,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, load_into, resolve_weight_files
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
@@ -109,20 +109,14 @@ def load_transformer(source: Path, dtype, device, memory: MemoryStrategy | None 
         if config.in_channels not in (64, FLEX2_CHANNELS):
             raise CheckpointError(f"the transformer takes {config.in_channels} input channels; the flex2 family "
                                   f"runs 196 (Flex.2) or 64 (Flux.1)", file=str(source), key="in_channels")
-        with torch.device("meta"):
-            model = Flux1Transformer(config)
-        on_loaded = memory.while_loading("transformer", model) if memory is not None else None
-        load_into(model, ckpt, key_map=key_map, dtype=dtype, device=device, what="transformer", on_loaded=on_loaded)
-    return model.eval().requires_grad_(False)
+        return build_and_load(lambda: Flux1Transformer(config), ckpt, what="transformer", memory=memory,
+                              key_map=key_map, dtype=dtype, device=device)
 
 
 def load_autoencoder(folder: Path, dtype, device) -> Flux1Autoencoder:
     config = Flux1AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Flux1Autoencoder(config)
     with SafetensorsCheckpoint.open(folder) as ckpt:
-        load_into(model, ckpt, dtype=dtype, device=device, what="vae")
-    return model.eval().requires_grad_(False)
+        return build_and_load(lambda: Flux1Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
 
 def locate(path: Path) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, load_into, resolve_weight_files
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
@@ -138,22 +138,15 @@ def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device,
                      memory: MemoryStrategy | None = None) -> Flux2Transformer:
     """The DiT of a diffusers transformer/ folder; ``memory``'s while_loading hook (quantize) runs as it loads."""
     config = TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Flux2Transformer(config)
-    on_loaded = memory.while_loading("transformer", model) if memory is not None else None
     with SafetensorsCheckpoint.open(folder) as ckpt:
-        load_into(model, ckpt, key_map=keymap.from_diffusers(config), dtype=dtype, device=device, what="transformer",
-                  on_loaded=on_loaded)
-    return model.eval().requires_grad_(False)
+        return build_and_load(lambda: Flux2Transformer(config), ckpt, what="transformer", memory=memory,
+                              key_map=keymap.from_diffusers(config), dtype=dtype, device=device)
 
 
 def load_autoencoder(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Autoencoder:
     config = AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
-    with torch.device("meta"):
-        model = Flux2Autoencoder(config)
     with SafetensorsCheckpoint.open(folder) as ckpt:
-        load_into(model, ckpt, dtype=dtype, device=device, what="vae")
-    return model.eval().requires_grad_(False)
+        return build_and_load(lambda: Flux2Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
 
 def text_ids(length: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, fingerprint, load_into
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, fingerprint
 from fluxframe.core.interfaces import MemoryStrategy
 from fluxframe.errors import CheckpointError, ConfigError
 
@@ -234,22 +234,21 @@ def load_transformer(file: Path, dtype: torch.dtype, device: torch.device,
                      memory: MemoryStrategy | None = None) -> Flux2Transformer:
     with SafetensorsCheckpoint.open(file) as ckpt:
         config = transformer_config(_shapes(ckpt), str(file))
-        with torch.device("meta"):
-            model = Flux2Transformer(config)
-        on_loaded = memory.while_loading("transformer", model) if memory is not None else None
-        load_into(model, ckpt, dtype=dtype, device=device, what="transformer", on_loaded=on_loaded)
-    return model.eval().requires_grad_(False)
+        return build_and_load(lambda: Flux2Transformer(config), ckpt, what="transformer", memory=memory,
+                              dtype=dtype, device=device)
 
 
 def load_autoencoder(file: Path, dtype: torch.dtype, device: torch.device) -> Flux2Autoencoder:
     with SafetensorsCheckpoint.open(file) as ckpt:
         config = autoencoder_config(_shapes(ckpt), str(file))
-        with torch.device("meta"):
+
+        def build() -> Flux2Autoencoder:
             model = Flux2Autoencoder(config)
-        if "bn.num_batches_tracked" not in ckpt:  # a training counter, unused at inference; not every file has it
-            model.bn.register_buffer("num_batches_tracked", torch.tensor(0, device=device), persistent=False)
-        load_into(model, ckpt, key_map=vae_key_map(config), dtype=dtype, device=device, what="vae")
-    return model.eval().requires_grad_(False)
+            if "bn.num_batches_tracked" not in ckpt:  # a training counter, unused at inference; not every file has it
+                model.bn.register_buffer("num_batches_tracked", torch.tensor(0, device=device), persistent=False)
+            return model
+
+        return build_and_load(build, ckpt, what="vae", key_map=vae_key_map(config), dtype=dtype, device=device)
 
 
 def load(family_cls, config, memory):
