@@ -15,7 +15,9 @@ Four stages, each resumable from the work folder:
    the sampler uses for 64 tokens, 10 % of captions dropped to "" (so true CFG works), and an EMA of the weights.
    The prompt encoder pads every prompt to 512 tokens, almost all padding; attending to all of them is most of the
    cost, so the first phase trains on the prompt's tokens plus a random sample of the padding positions (with their
-   true position ids), and the second on all 512, as inference sees them.
+   true position ids), each sampled key's attention logits raised by log(padding / sampled) so that it stands for
+   its share of all the padding (``padding_weighted``: the prompt is diluted as much as at inference), and the
+   second, shorter phase on all 512, as inference sees them.
 4. export -- the diffusers folder layout (model_index.json Flux2KleinPipeline with is_distilled false, transformer/,
    vae/, text_encoder/, tokenizer/, scheduler/), written beside the target and renamed into place, after every
    transformer checkpoint, so a stopped run still leaves a usable model.
@@ -35,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -61,7 +64,7 @@ class TrainConfig:
     ae_crop: int = 96
     ae_batch: int = 10
     ae_lr: float = 3e-4  # refines the working initial autoencoder (init_autoencoder); more wrecks it
-    ae_latent_noise: float = 0.1  # std of the noise added to latents in training, relative to each channel's std
+    ae_latent_noise: float = 0.2  # std of the noise added to latents in training, relative to each channel's std
     # text encoder
     text_hidden: int = 32
     text_layers: int = 28
@@ -79,11 +82,11 @@ class TrainConfig:
     # a shape covers 4-15 % of the image, and an unweighted loss is learnt background first, shapes much later.
     shape_weight: float = 4.0
     pad_sample: int = 16  # phase 1: padding positions sampled per step
-    phase1_share: float = 0.7  # of the transformer's time
+    phase1_share: float = 0.85  # of the transformer's time
     schedule_steps: int = 24  # the sampling step count whose schedule shift the training timesteps follow
     # budget: wall-clock minutes, split between the stages, unless steps are given
     minutes: float = 55.0
-    ae_share: float = 0.25
+    ae_share: float = 0.12
     ae_steps: int | None = None
     dit_steps: tuple[int, int] | None = None  # (phase 1, phase 2)
     checkpoint_minutes: float = 4.0
@@ -408,6 +411,30 @@ def sample_sigmas(n: int, mu: float, generator: torch.Generator) -> torch.Tensor
     return shift / (shift + (1 / u - 1))
 
 
+@contextmanager
+def padding_weighted(bias: torch.Tensor):
+    """Phase 1 attends to a sample of the padding positions only. While this is active, every attention in
+    the FLUX.2 DiT adds ``bias`` to its logits per key (text keys first, then image keys, as the DiT orders
+    them): log(padding / sampled) on the sampled padding keys, 0 elsewhere, so each sampled key stands for its
+    share of all the padding and the attention mass on padding is, in expectation, what inference (which
+    attends to all 512 positions) gives. Without it the model learns to read a prompt that 16 padding keys
+    dilute, and meets one that ~490 dilute."""
+    from fluxframe.plugins.flux2 import transformer as dit
+
+    plain = dit._attention
+
+    def weighted(q, k, v, rope, q_rope=None):
+        q, k = dit.apply_rope(q, *(q_rope or rope)), dit.apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).view(1, 1, 1, -1))
+        return out.transpose(1, 2).flatten(2)
+
+    dit._attention = weighted
+    try:
+        yield
+    finally:
+        dit._attention = plain
+
+
 def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed: int, latents: torch.Tensor,
                       caption_index: torch.Tensor, embeds: torch.Tensor, empty_index: int, prompt_tokens: int,
                       deadline: float, vae, stats: dict, meta: dict):
@@ -467,7 +494,13 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), mu, gen)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        pred = model(xt, img_ids, txt, full_ids[keep], sigma)
+        if phase == 1:
+            bias = torch.zeros(len(keep) + x0.shape[1])
+            bias[prompt_tokens:len(keep)] = math.log((MAX_TEXT_TOKENS - prompt_tokens) / cfg.pad_sample)
+            with padding_weighted(bias):
+                pred = model(xt, img_ids, txt, full_ids[keep], sigma)
+        else:
+            pred = model(xt, img_ids, txt, full_ids[keep], sigma)
         background = x0.median(dim=1, keepdim=True).values
         distance = (x0 - background).norm(dim=-1)  # (B, tokens)
         shape = distance > 0.5 * distance.amax(dim=1, keepdim=True).clamp_min(1e-6)
