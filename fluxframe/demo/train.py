@@ -233,6 +233,27 @@ def _lr(step: int, progress: float, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _save_stage(path: Path, parts: dict, state: dict) -> None:
+    """A stage's resumable state: the state dicts of ``parts`` (modules, optimiser) by name, and ``state``."""
+    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "state": state}, path)
+
+
+def _resume_stage(path: Path, parts: dict, state: dict, what: str) -> dict:
+    """Restore ``parts`` from a stage's saved file and return its state; ``state`` unchanged if none is saved."""
+    if not path.exists():
+        return state
+    saved = torch.load(path, weights_only=False)
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+    log(f"{what}: resumed at step {saved['state']['step']}")
+    return saved["state"]
+
+
+def _summary(state: dict) -> dict:
+    """What the training record keeps of a stage's state (all but the loss curve)."""
+    return {k: v for k, v in state.items() if k != "losses"}
+
+
 def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, budget_s: float, stats: dict):
     from fluxframe.plugins.flux2.autoencoder import Flux2Autoencoder
 
@@ -241,15 +262,11 @@ def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, b
     vae = Flux2Autoencoder(ae_config(cfg)).to(memory_format=torch.channels_last)  # faster convolutions on CPU
     init_autoencoder(vae)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.ae_lr)
-    state = {"step": 0, "total": cfg.ae_steps, "done": False, "losses": [], "seconds": 0.0}
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        vae.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        log(f"autoencoder: resumed at step {state['step']}")
+    parts = {"model": vae, "opt": opt}
+    state = _resume_stage(path, parts, {"step": 0, "total": cfg.ae_steps, "done": False, "losses": [],
+                                        "seconds": 0.0}, "autoencoder")
     if state["done"]:
-        stats["autoencoder"] = {k: v for k, v in state.items() if k != "losses"}
+        stats["autoencoder"] = _summary(state)
         return vae.eval()
     rng = np.random.default_rng([seed, 1, state["step"]])
     vae.train()
@@ -281,12 +298,12 @@ def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, b
             log(f"autoencoder step {state['step']} ({progress():.0%}) loss {np.mean(window):.4f}")
             window = []
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
-            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, path)
+            _save_stage(path, parts, state)
             last_save = time.time()
     state["done"] = True
     state["final_loss"] = state["losses"][-1][1] if state["losses"] else float(np.mean(window))
-    torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, path)
-    stats["autoencoder"] = {k: v for k, v in state.items() if k != "losses"}
+    _save_stage(path, parts, state)
+    stats["autoencoder"] = _summary(state)
     return vae.eval()
 
 
@@ -446,16 +463,11 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
     model = Flux2Transformer(dit_config(cfg))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    state = {"step": 0, "losses": [], "seconds": 0.0, "done": False, "budget_s": None}
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        log(f"transformer: resumed at step {state['step']}")
+    parts = {"model": model, "ema": ema, "opt": opt}
+    state = _resume_stage(path, parts, {"step": 0, "losses": [], "seconds": 0.0, "done": False, "budget_s": None},
+                          "transformer")
     if state["done"]:
-        stats["transformer"] = {k: v for k, v in state.items() if k != "losses"}
+        stats["transformer"] = _summary(state)
         return ema
     grid = tuple(latents.shape[-2:])
     tokens = pack(latents)  # (N, h·w, 128)
@@ -532,16 +544,15 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
             log(f"transformer step {state['step']} ({progress():.0%}, phase {phase}) loss {np.mean(window):.4f}")
             window = []
         if time.time() - last_save > cfg.checkpoint_minutes * 60:
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "state": state}, path)
-            stats["transformer"] = {k: v for k, v in state.items() if k != "losses"}
+            _save_stage(path, parts, state)
+            stats["transformer"] = _summary(state)
             export(out, stage, cfg, vae, ema, {**meta, "stats": stats, "status": f"partial: step {state['step']}"})
             last_save = time.time()
     state["done"] = True
     state["final_loss"] = state["losses"][-1][2] if state["losses"] else float(np.mean(window))
     state["final_loss_phase1"] = next((loss for _, ph, loss in reversed(state["losses"]) if ph == 1), None)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "state": state}, path)
-    stats["transformer"] = {k: v for k, v in state.items() if k != "losses"}
+    _save_stage(path, parts, state)
+    stats["transformer"] = _summary(state)
     return ema
 
 
