@@ -318,8 +318,8 @@ class ComposedStrategy(MemoryStrategy):
 
     def while_loading(self, component, module):
         hooks = [h for s in self.strategies if (h := s.while_loading(component, module)) is not None]
-        if len(hooks) < 2:
-            return hooks[0] if hooks else None
+        if not hooks:
+            return None
 
         def loaded(key: str) -> None:
             for hook in hooks:

@@ -21,6 +21,7 @@ group-offload`` streams the quantised blocks.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
@@ -158,21 +159,21 @@ def quantize_blocks(module: nn.Module, fmt: str, group_size: int = 64, stats: di
     return stats
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return None
+
+
 def _release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Without it a
     full-precision weight freed after quantisation stays in the process's heap between the codes allocated
     after it, and the resident size of a quantising load climbs towards the full-precision model's anyway."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def quantize_while_loading(module: nn.Module, fmt: str, group_size: int = 64,
