@@ -76,3 +76,34 @@ def test_padding_weighted_attention_stands_for_all_the_padding():
     rel = lambda a: float((a - full).norm() / full.norm())  # noqa: E731
     print(f"\nweighted {rel(weighted):.1e}, unweighted {rel(unweighted):.1e}")
     assert rel(weighted) < 1e-5 < 1e-3 < rel(unweighted), (rel(weighted), rel(unweighted))
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_stage_file_whole(tmp_path, monkeypatch):
+    """Resuming depends on the work folder's files: a stage is saved under a temporary name and renamed, so a run
+    stopped while saving leaves the last complete save (and no stray temporary file)."""
+    import pytest
+    import torch
+
+    from fluxframe.demo import train as train_module
+    from fluxframe.errors import CheckpointError
+
+    path = tmp_path / "dit.pt"
+    model = torch.nn.Linear(3, 2)
+    train_module._save_stage(path, {"model": model}, {"step": 7})
+    before = path.read_bytes()
+
+    def torn(obj, name):  # writes part of the file, then fails as a full disk or a kill would
+        with open(name, "wb") as fh:
+            fh.write(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(CheckpointError, match="No space left on device") as err:
+        train_module._save_stage(path, {"model": model}, {"step": 8})
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["dit.pt"]
+    fresh = torch.nn.Linear(3, 2)
+    state = train_module._resume_stage(path, {"model": fresh}, {}, "transformer")
+    assert state == {"step": 7} and not torch.equal(fresh.weight, model.weight)

@@ -483,7 +483,7 @@ def save_sharded(
         raise CheckpointError(f"cannot create the folder: {e}", file=str(folder)) from e
     written = []
     for name, shard in zip(names, shards):
-        written.append(_atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, tmp, file_metadata)))
+        written.append(atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, tmp, file_metadata)))
     keep = set(written)
     if count > 1:
         index = {
@@ -491,7 +491,7 @@ def save_sharded(
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
         text = json.dumps(index, indent=2) + "\n"
-        keep.add(_atomic_write(folder / f"{base_name}{_INDEX_SUFFIX}", lambda tmp: Path(tmp).write_text(text)))
+        keep.add(atomic_write(folder / f"{base_name}{_INDEX_SUFFIX}", lambda tmp: Path(tmp).write_text(text)))
     stale = re.compile(re.escape(base_name) + r"(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
     for path in folder.iterdir():
         if stale.fullmatch(path.name) and path not in keep:
@@ -502,7 +502,8 @@ def save_sharded(
     return written
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> Path:
+def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
+    """``write(temporary name)`` beside ``path``, then renamed onto it: ``path`` is never half-written."""
     # The temporary name must not end in .safetensors, so a leftover is never taken for weights.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -233,9 +233,17 @@ def _lr(step: int, progress: float, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then renamed: a run stopped while saving leaves the previous file whole, so
+    the next run still resumes."""
+    from fluxframe.core.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def _save_stage(path: Path, parts: dict, state: dict) -> None:
     """A stage's resumable state: the state dicts of ``parts`` (modules, optimiser) by name, and ``state``."""
-    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "state": state}, path)
+    _save({**{name: part.state_dict() for name, part in parts.items()}, "state": state}, path)
 
 
 def _resume_stage(path: Path, parts: dict, state: dict, what: str) -> dict:
@@ -337,7 +345,7 @@ def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.T
     stats["latents"] = {"count": len(images), "seconds": time.time() - started, "reconstruction_psnr_db": psnr,
                         "shape": list(normalised.shape[1:])}
     log(f"latents: {len(images)} cached in {time.time() - started:.0f} s, reconstruction PSNR {psnr:.1f} dB")
-    torch.save({"bn": vae.bn.state_dict(), "latents": normalised, "stats": stats["latents"]}, path)
+    _save({"bn": vae.bn.state_dict(), "latents": normalised, "stats": stats["latents"]}, path)
     return normalised
 
 
@@ -402,7 +410,7 @@ def encode_captions(work: Path, stage: Path, captions: list[str]) -> tuple[torch
     texts = [encoder.tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=False) for c in captions]
     prompt_tokens = max(len(ids) for ids in encoder.tokenizer(texts)["input_ids"])
-    torch.save({"captions": captions, "embeds": embeds, "prompt_tokens": prompt_tokens}, path)
+    _save({"captions": captions, "embeds": embeds, "prompt_tokens": prompt_tokens}, path)
     return embeds, prompt_tokens
 
 
