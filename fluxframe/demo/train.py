@@ -449,9 +449,7 @@ def padding_weighted(bias: torch.Tensor):
     plain = dit._attention
 
     def weighted(q, k, v, rope, q_rope=None):
-        q, k = dit.apply_rope(q, *(q_rope or rope)), dit.apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).view(1, 1, 1, -1))
-        return out.transpose(1, 2).flatten(2)
+        return plain(q, k, v, rope, q_rope, attn_mask=bias.to(q.dtype).view(1, 1, 1, -1))
 
     dit._attention = weighted
     try:

@@ -167,9 +167,9 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: fl
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
 
 
-def _attention(q, k, v, rope, q_rope=None) -> torch.Tensor:
+def _attention(q, k, v, rope, q_rope=None, attn_mask=None) -> torch.Tensor:
     q, k = apply_rope(q, *(q_rope or rope)), apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return out.transpose(1, 2).flatten(2)
 
 
