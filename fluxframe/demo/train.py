@@ -37,7 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -480,6 +480,10 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
     img_ids = image_ids(*grid)
     full_ids = text_ids(MAX_TEXT_TOKENS)
     mu = empirical_mu(grid[0] * grid[1], cfg.schedule_steps)
+    # phase 1's attention bias over [prompt, sampled padding, image tokens]: log(padding / sampled) on the padding
+    phase1_bias = torch.zeros(prompt_tokens + cfg.pad_sample + tokens.shape[1])
+    phase1_bias[prompt_tokens:prompt_tokens + cfg.pad_sample] = math.log((MAX_TEXT_TOKENS - prompt_tokens)
+                                                                         / cfg.pad_sample)
     gen = torch.Generator().manual_seed(seed * 1000 + 3 + state["step"])
     rng = np.random.default_rng([seed, 3, state["step"]])
     started, last_save = time.time(), time.time()
@@ -512,12 +516,7 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), mu, gen)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        if phase == 1:
-            bias = torch.zeros(len(keep) + x0.shape[1])
-            bias[prompt_tokens:len(keep)] = math.log((MAX_TEXT_TOKENS - prompt_tokens) / cfg.pad_sample)
-            with padding_weighted(bias):
-                pred = model(xt, img_ids, txt, full_ids[keep], sigma)
-        else:
+        with padding_weighted(phase1_bias) if phase == 1 else nullcontext():
             pred = model(xt, img_ids, txt, full_ids[keep], sigma)
         background = x0.median(dim=1, keepdim=True).values
         distance = (x0 - background).norm(dim=-1)  # (B, tokens)
