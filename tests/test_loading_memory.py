@@ -62,8 +62,8 @@ def test_2gb_bf16_checkpoint_loads_within_1_3x_its_size(checkpoint_2gb):
 
 def test_quantizing_while_loading_never_holds_the_full_precision_model(checkpoint_2gb):
     """With ``quantize`` (int8) each block linear is quantised as soon as it is read, so the peak is about the
-    int8 model (measured: 1.13 GB for a 1.91 GB checkpoint, model 1.04 GB: 0.59x the checkpoint, 10 runs of 10), where loading
-    first and quantising after would peak above the full bf16 model."""
+    int8 model (measured: 1.13 GB for a 1.91 GB checkpoint, model 1.04 GB: 0.59x the checkpoint, 10 runs of 10),
+    where loading first and quantising after would peak above the full bf16 model."""
     folder, size = checkpoint_2gb
     result = _load(folder, "bfloat16", "--quantize", "int8")
     assert result["impl"] == "fluxframe+int8" and result["file_mappings_after_load"] == 0
