@@ -21,14 +21,13 @@ import argparse
 import io
 import json
 import logging
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from timing import median_ms
 
 from fluxframe.provenance import watermark as wm
 from fluxframe.provenance.testing import dev_signer, output_context
@@ -53,16 +52,6 @@ def photo(name: str, size: tuple[int, int]) -> Image.Image:
     from skimage import data
 
     return Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.Resampling.LANCZOS)
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from timing import median_ms as _median_ms  # noqa: E402
 
 from fluxframe.safety.image_nsfw import ImageNSFWFilter  # noqa: E402
 from fluxframe.safety.ip import IPFilter  # noqa: E402
@@ -34,15 +35,8 @@ PROMPT = ("a photograph of a red vintage sports car parked outside a small cafe 
 TARGET_MS = 300.0
 
 
-def median_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def median_ms(fn, runs: int) -> float:
+    return _median_ms(fn, runs, warmup=3)
 
 
 def test_image(size: int = 1024) -> Image.Image:

@@ -23,9 +23,8 @@ import logging
 import os
 import statistics
 import sys
-import time
 
-import numpy as np
+from timing import median_ms
 
 from fluxframe.provenance import robust
 from fluxframe.provenance import robustness as rb
@@ -76,16 +75,6 @@ def false_positives(method: str, images: list) -> dict:
     return {"images": len(images), "false_positives": len(claimed), "which": claimed,
             "highest": max(c for c in confidence if c is not None),
             "threshold": robust.CONFIDENCE_THRESHOLD if method == wm.ROBUST_METHOD else wm.THRESHOLD}
-
-
-def median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def timing(method: str, runs: int) -> dict[str, float]:
