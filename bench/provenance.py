@@ -30,6 +30,7 @@ from PIL import Image
 from timing import median_ms
 
 from fluxframe.provenance import watermark as wm
+from fluxframe.provenance.robustness import photo
 from fluxframe.provenance.testing import dev_signer, output_context
 from fluxframe.provenance.verify import verify
 
@@ -46,12 +47,6 @@ def parse_args() -> argparse.Namespace:
                         "measures fluxframe-ss)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p.parse_args()
-
-
-def photo(name: str, size: tuple[int, int]) -> Image.Image:
-    from skimage import data
-
-    return Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.Resampling.LANCZOS)
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

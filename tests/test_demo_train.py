@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from fluxframe import api
 from fluxframe.demo import shapes
@@ -81,7 +82,6 @@ def test_padding_weighted_attention_stands_for_all_the_padding():
 def test_a_save_that_fails_midway_leaves_the_previous_stage_file_whole(tmp_path, monkeypatch):
     """Resuming depends on the work folder's files: a stage is saved under a temporary name and renamed, so a run
     stopped while saving leaves the last complete save (and no stray temporary file)."""
-    import pytest
     import torch
 
     from fluxframe.demo import train as train_module
