@@ -59,6 +59,7 @@ STRATEGIES = [
     {"strategy": "model-offload"},
     {"strategy": "group-offload"},
     {"strategy": "group-offload", "group-offload": {"blocks_per_group": 2, "prefetch": False}},
+    {"strategy": "group-offload", "group-offload": {"resident_blocks": 1}},
     {"strategy": "vae-tiling"},
     # the smallest tile that holds the whole 64 x 48 image (flex2's tiny autoencoder downsamples only 2x: 32 x 24)
     {"strategy": "group-offload+vae-tiling", "vae-tiling": {"tile_size": 32, "overlap": 8}},
@@ -79,7 +80,9 @@ def test_same_image_as_none(diffusers_flux2_folder, flux1_folder, host, referenc
             # every group onloaded once per transformer forward (2 steps; flux2's tiny DiT has 1+2 blocks,
             # flex2's 1+1), each prefetched one counted once, and all back on their host copies now
             assert part.stats["onloads"] == part.stats["offloads"] == 2 * len(part.groups)
-            assert part.stats["prefetches"] == (2 * (len(part.groups) - 1) if part.prefetch else 0)
+            # (with resident blocks, the first streamed group is prefetched too, while they run)
+            prefetched = len(part.groups) - (0 if part.resident_blocks else 1)
+            assert part.stats["prefetches"] == (2 * prefetched if part.prefetch else 0)
             for group in part.groups:
                 assert not group.on_device
                 assert all(t.data_ptr() == h.data_ptr() for t, h in zip(group.tensors, group.host))
@@ -134,6 +137,24 @@ def test_group_offload_streams_during_forward(diffusers_flux2_folder, host):
     pipeline.generate(api.GenerationRequest(prompt=PROMPT, seed=0, width=32, height=32, steps=1), write=False)
     # block i runs with its own group and the prefetched next one on the device, no other
     assert seen == [[j in (i, i + 1) for j in range(n)] for i in range(n)]
+
+
+def test_group_offload_keeps_resident_blocks_on_the_device(diffusers_flux2_folder, host):
+    """``resident_blocks = 1``: the first block is moved to the device once and belongs to no streamed group;
+    the first streamed group is already copied (prefetched) when the resident block starts."""
+    memory = {"strategy": "group-offload", "group-offload": {"resident_blocks": 1}}
+    pipeline = api.load(_config(diffusers_flux2_folder, memory=memory), host=host)
+    model, offload = pipeline.stages.model, pipeline.stages.model.memory
+    blocks = [*model.transformer.double_blocks, *model.transformer.single_blocks]
+    assert len(offload.groups) == len(blocks) - 1
+    streamed = {id(t) for g in offload.groups for t in g.tensors}
+    assert not any(id(p) in streamed for p in blocks[0].parameters())
+    assert all(id(p) in streamed for b in blocks[1:] for p in b.parameters())
+    seen = []
+    blocks[0].register_forward_pre_hook(lambda _m, _a: seen.append([g.on_device for g in offload.groups]))
+    pipeline.generate(api.GenerationRequest(prompt=PROMPT, seed=0, width=32, height=32, steps=1), write=False)
+    assert seen == [[True] + [False] * (len(offload.groups) - 1)]
+    assert offload.stats["onloads"] == len(offload.groups)  # the resident block is never copied again
 
 
 def test_tile_layout():
@@ -211,6 +232,9 @@ def test_memory_config_errors(diffusers_flux2_folder, host):
     with pytest.raises(ConfigError) as err:
         check({"strategy": "group-offload", "group-offload": {"blocks_per_group": 0}})
     assert err.value.key == "memory.group-offload" and "blocks_per_group" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        check({"strategy": "group-offload", "group-offload": {"resident_blocks": -1}})
+    assert err.value.key == "memory.group-offload" and "resident_blocks" in str(err.value)
     with pytest.raises(ConfigError) as err:
         check({"strategy": "none", "vae-tiling": {"tile_size": 32}})
     assert err.value.key == "memory.vae-tiling"

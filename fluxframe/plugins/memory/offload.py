@@ -161,19 +161,26 @@ class GroupOffload(_Offloading):
     last block ran. With ``prefetch`` the next group's copy starts as the current group starts, on a side CUDA
     stream from pinned memory, so copies overlap compute (on the CPU the same calls run without a stream). The
     DiT's other layers (embedders, modulation, final layer) stay on the device. Other components are kept on
-    the device, or, composed after it, placed by the next strategy (e.g. ``model-offload``)."""
+    the device, or, composed after it, placed by the next strategy (e.g. ``model-offload``).
+
+    ``resident_blocks`` keeps the first that many blocks on the device for good, so a card with room for part of
+    the DiT streams only the rest: fewer bytes copied per step, and the first streamed group is prefetched
+    while the resident blocks run (so with prefetch no copy is waited for at the start of a forward)."""
 
     name = "group-offload"
 
     def __init__(self, blocks_per_group: int = 1, prefetch: bool = True, offload_device: str = "cpu",
-                 pin_memory: bool = True):
+                 pin_memory: bool = True, resident_blocks: int = 0):
         super().__init__(offload_device, pin_memory)
         if not isinstance(blocks_per_group, int) or isinstance(blocks_per_group, bool) or blocks_per_group < 1:
             raise ValueError(f"blocks_per_group: expected a positive integer, got {blocks_per_group!r}")
         if not isinstance(prefetch, bool):
             raise ValueError(f"prefetch: expected true or false, got {prefetch!r}")
+        if not isinstance(resident_blocks, int) or isinstance(resident_blocks, bool) or resident_blocks < 0:
+            raise ValueError(f"resident_blocks: expected a whole number of blocks (0 or more), got {resident_blocks!r}")
         self.blocks_per_group = blocks_per_group
         self.prefetch = prefetch
+        self.resident_blocks = resident_blocks
         self.groups: list[TensorGroup] = []
         self._stream = None
         self._hooks: list[Any] = []
@@ -189,23 +196,33 @@ class GroupOffload(_Offloading):
             return module.to(device)
         device = torch.device(device)
         lists = _block_lists(module)
+        blocks = [block for name in lists for block in getattr(module, name)]
+        resident, streamed = blocks[: self.resident_blocks], blocks[self.resident_blocks :]
         for name, child in module.named_children():
             if name not in lists:
                 child.to(device)
+        for block in resident:
+            block.to(device)
         for tensors in (module._parameters, module._buffers):
             for key, tensor in tensors.items():
                 if tensor is not None:
                     tensor.data = tensor.data.to(device)
-        blocks = [block for name in lists for block in getattr(module, name)]
-        chunks = [blocks[i : i + self.blocks_per_group] for i in range(0, len(blocks), self.blocks_per_group)]
+        chunks = [streamed[i : i + self.blocks_per_group] for i in range(0, len(streamed), self.blocks_per_group)]
         pin = self._pin(device)
         self.groups = [TensorGroup(chunk, self.offload_device, pin) for chunk in chunks]
         if device.type == "cuda" and self.prefetch:
             self._stream = torch.cuda.Stream(device)
+        if resident and chunks and self.prefetch:  # the first streamed group copies while the resident blocks run
+            self._hooks.append(resident[0].register_forward_pre_hook(lambda _m, _a: self._prefetch(0, device)))
         for index, chunk in enumerate(chunks):
             self._hooks.append(chunk[0].register_forward_pre_hook(self._pre_hook(index, device)))
             self._hooks.append(chunk[-1].register_forward_hook(self._post_hook(index)))
         return module
+
+    def _prefetch(self, index: int, device: torch.device) -> None:
+        if not self.groups[index].on_device:
+            self._onload(self.groups[index], device, self._stream)
+            self.stats["prefetches"] += 1
 
     def _pre_hook(self, index: int, device: torch.device):
         def hook(_module, _args):
@@ -214,9 +231,8 @@ class GroupOffload(_Offloading):
                 group.wait()
             else:
                 self._onload(group, device)
-            if self.prefetch and index + 1 < len(self.groups) and not self.groups[index + 1].on_device:
-                self._onload(self.groups[index + 1], device, self._stream)
-                self.stats["prefetches"] += 1
+            if self.prefetch and index + 1 < len(self.groups):
+                self._prefetch(index + 1, device)
 
         return hook
 
