@@ -20,7 +20,7 @@ tokens, one forward per step as in sampling (guidance embedded). Configurations 
 Both frameworks get the same weights: every tensor, in diffusers' layout, is drawn on the device from a
 generator seeded by its name; fluxframe's tensors are made from those through ``keymap.from_diffusers``. Each
 configuration runs in a fresh subprocess (its own CUDA allocator and host memory), is built on the GPU, placed
-as the strategy places it (moved to pinned CPU memory for the offloading ones), and then timed: the first step
+as the strategy places it (the offloading ones copy it to pinned CPU memory), and then timed: the first step
 (which includes model-offload's copy) and the median of the following ``--steps`` − 1 (CUDA-synchronised wall
 clock). Reported per configuration: the GPU memory its weights hold after placement and the peak during the
 steps (torch.cuda.max_memory_allocated), both times, and the first output's relative L2 error against
@@ -144,21 +144,20 @@ def place_fluxframe(name: str, model, config, device, args):
         strategy = GroupOffload(blocks_per_group=1, resident_blocks=resident)
         if fmt:
             strategy = ComposedStrategy([Quantize(fmt), strategy])  # Quantize finds no layer left to rewrite
-    model.to(strategy.load_device("transformer", device))
-    return strategy, strategy.place("transformer", model, device)
+    return strategy, strategy.place("transformer", model, device)  # copies what it offloads to (pinned) CPU memory
 
 
 def place_diffusers(name: str, model, device):
     option = name.split(":", 1)[1]
     if option.startswith("fp8-storage"):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
+    # Both move the model to the CPU themselves. Group offloading pins a CPU copy of every weight and points the
+    # weights at it; called on a CPU model that copy would come on top of the model's (2 x 64 GB for dev).
     if option == "model-offload":
         from accelerate import cpu_offload_with_hook
 
-        model.to("cpu")
         cpu_offload_with_hook(model, execution_device=device)
     elif option.endswith("group-offload"):
-        model.to("cpu")
         model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1,
                                    use_stream=device.type == "cuda")
