@@ -2,8 +2,8 @@
 generated at the demo config's size, steps and guidance through the public API, and read back by image analysis.
 
 Two bars. ISSUE_BAR is issue 9's (colour >= 90 %, position >= 85 %, shape >= 75 %): models/shapes-v1 reaches
-it for colour and position but not for shape (measured: colour 100 %, position 100 %, shape 58 %, size 100 %,
-background 100 %; circles 16 of 16 right, squares 5 of 16, triangles 4 of 8, stars 3 of 8: squares come out with
+it for colour and position but not for shape (measured: colour 100 %, position 100 %, shape 69 %, size 100 %,
+background 100 %; circles 16 of 16 right, squares 9 of 16, triangles 4 of 8, stars 4 of 8: squares come out with
 round corners, small stars and triangles often as blobs), so that test is an expected failure, strict: it fails
 the suite the day a retrained model passes, so this file gets updated then.
 FLOOR is the shipped model's measured level less a margin: a regression check on the checkpoint and on the code
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.toml"
 CAPTIONS = 48  # every one of the 32 held-out triples, 16 of them twice (other size, other background)
 ISSUE_BAR = {"colour": 0.90, "position": 0.85, "shape": 0.75}
-FLOOR = {"colour": 0.90, "position": 0.90, "shape": 0.45, "size": 0.90, "background": 0.95}
+FLOOR = {"colour": 0.90, "position": 0.90, "shape": 0.55, "size": 0.90, "background": 0.95}
 
 
 def demo_settings() -> tuple[dict, dict]:
@@ -83,7 +83,7 @@ def test_demo_model_keeps_its_measured_level(graded):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 9 open: models/shapes-v1 measures colour 100 %, position 100 %, "
-                                       "shape 58 % against the bar of 90 / 85 / 75 %")
+                                       "shape 69 % against the bar of 90 / 85 / 75 %")
 def test_demo_model_draws_what_unseen_captions_ask_for(graded):
     rates = _rates(graded)
     for key, bar in ISSUE_BAR.items():

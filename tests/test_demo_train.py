@@ -79,6 +79,39 @@ def test_padding_weighted_attention_stands_for_all_the_padding():
     assert rel(weighted) < 1e-5 < 1e-3 < rel(unweighted), (rel(weighted), rel(unweighted))
 
 
+def test_low_noise_emphasis_replaces_about_the_fraction_asked_and_only_with_low_sigmas():
+    import torch
+
+    from fluxframe.demo.train import emphasise_low_noise
+
+    sigma = torch.full((20000,), 0.9)
+    out = emphasise_low_noise(sigma, 0.5, 0.6, torch.Generator().manual_seed(0))
+    replaced = out != 0.9
+    assert 0.48 < replaced.float().mean() < 0.52
+    assert out[replaced].min() >= 1e-3 and out[replaced].max() <= 0.6
+    assert 0.28 < out[replaced].mean() < 0.32  # uniform on (0, 0.6]
+    again = emphasise_low_noise(sigma, 0.5, 0.6, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(emphasise_low_noise(sigma, 0.0, 0.6, torch.Generator().manual_seed(0)), sigma)
+
+
+def test_the_low_noise_emphasis_runs_only_in_the_last_share_of_the_transformer_training(tmp_path, monkeypatch):
+    from fluxframe.demo import train as train_module
+
+    calls = []
+    plain = train_module.emphasise_low_noise
+
+    def recording(sigma, fraction, high, generator):
+        calls.append((len(sigma), fraction, high))
+        return plain(sigma, fraction, high, generator)
+
+    monkeypatch.setattr(train_module, "emphasise_low_noise", recording)
+    cfg = replace(TrainConfig(**TINY), dit_steps=(3, 1), low_noise_share=0.5, low_noise_fraction=0.25)
+    train(tmp_path / "model", seed=1, work=tmp_path / "work", config=cfg, threads=None)
+    # steps at progress 0, 1/4, 2/4, 3/4: the last two are in the final half
+    assert calls == [(TINY["dit_batch"], 0.25, 0.6)] * 2
+
+
 def test_a_save_that_fails_midway_leaves_the_previous_stage_file_whole(tmp_path, monkeypatch):
     """Resuming depends on the work folder's files: a stage is saved under a temporary name and renamed, so a run
     stopped while saving leaves the last complete save (and no stray temporary file)."""

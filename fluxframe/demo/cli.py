@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_MINUTES = 55.0
+DEFAULT_MINUTES = 88.0  # what models/shapes-v1 was trained with
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

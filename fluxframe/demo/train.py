@@ -84,9 +84,14 @@ class TrainConfig:
     shape_weight: float = 4.0
     pad_sample: int = 16  # phase 1: padding positions sampled per step
     phase1_share: float = 0.85  # of the transformer's time
+    # The last low_noise_share of the transformer's time draws low_noise_fraction of each batch's sigmas uniformly
+    # below low_noise_max: the nearly clean steps are where a square's corners are kept or rounded off.
+    low_noise_share: float = 0.2
+    low_noise_fraction: float = 0.5
+    low_noise_max: float = 0.6
     schedule_steps: int = 24  # the sampling step count whose schedule shift the training timesteps follow
     # budget: wall-clock minutes, split between the stages, unless steps are given
-    minutes: float = 55.0
+    minutes: float = 88.0
     ae_share: float = 0.12
     ae_steps: int | None = None
     dit_steps: tuple[int, int] | None = None  # (phase 1, phase 2)
@@ -437,6 +442,12 @@ def sample_sigmas(n: int, mu: float, generator: torch.Generator) -> torch.Tensor
     return shift / (shift + (1 / u - 1))
 
 
+def emphasise_low_noise(sigma: torch.Tensor, fraction: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace about ``fraction`` of ``sigma`` by draws uniform in (0, high]."""
+    low = (torch.rand(len(sigma), generator=generator) * high).clamp_min(1e-3)
+    return torch.where(torch.rand(len(sigma), generator=generator) < fraction, low, sigma)
+
+
 @contextmanager
 def padding_weighted(bias: torch.Tensor):
     """Phase 1 attends to a sample of the padding positions only. While this is active, every attention in
@@ -516,6 +527,8 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
         x0 = tokens[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), mu, gen)
+        if progress() >= 1 - cfg.low_noise_share:
+            sigma = emphasise_low_noise(sigma, cfg.low_noise_fraction, cfg.low_noise_max, gen)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         with padding_weighted(phase1_bias) if phase == 1 else nullcontext():
             pred = model(xt, img_ids, txt, full_ids[keep], sigma)
