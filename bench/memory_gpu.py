@@ -213,11 +213,16 @@ def run_one(name: str, args) -> tuple[dict, torch.Tensor]:
     return row, output.float().cpu()
 
 
+def _stem(scratch: Path, name: str) -> Path:
+    """Where a configuration's first output (.pt) and, from a worker, its row (.json) are kept."""
+    return Path(scratch) / name.replace(":", "_")
+
+
 def worker(args) -> int:
     row, output = run_one(args.worker, args)
-    out = Path(args.scratch)
-    torch.save(output, out / f"{args.worker.replace(':', '_')}.pt")
-    (out / f"{args.worker.replace(':', '_')}.json").write_text(json.dumps(row))
+    stem = _stem(args.scratch, args.worker)
+    torch.save(output, stem.with_suffix(".pt"))
+    stem.with_suffix(".json").write_text(json.dumps(row))
     return 0
 
 
@@ -228,23 +233,22 @@ def measure(args, scratch: Path) -> list[dict]:
     outputs = {}
     for name in args.configs:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+        stem = _stem(scratch, name)
         if args.in_process:
             row, outputs[name] = run_one(name, args)
+            torch.save(outputs[name], stem.with_suffix(".pt"))
         else:
             argv = [sys.executable, __file__, "--worker", name, "--scratch", str(scratch)]
             for key in ("device", "shape", "dtype", "size", "text", "steps", "card"):
                 argv += [f"--{key}", str(getattr(args, key))]
             done = subprocess.run(argv, env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-            stem = Path(scratch) / name.replace(":", "_")
             if done.returncode != 0:
                 rows.append({"config": name, "error": f"exit status {done.returncode}"})
                 continue
             row, outputs[name] = json.loads(stem.with_suffix(".json").read_text()), torch.load(
                 stem.with_suffix(".pt"))
         rows.append(row)
-    for name, output in outputs.items():
-        torch.save(output, Path(scratch) / f"{name.replace(':', '_')}.pt")
-    reference_file = Path(scratch) / f"{REFERENCE.replace(':', '_')}.pt"
+    reference_file = _stem(scratch, REFERENCE).with_suffix(".pt")
     if reference_file.exists():
         reference = torch.load(reference_file)
         for row in rows:
@@ -262,9 +266,9 @@ def summary(rows: list[dict], card: float) -> list[str]:
         lines.append(f"everything on the device: fluxframe {speed:.2f}x diffusers' speed (target >= 1.2)")
     if "fluxframe:none" in by:
         base = by["fluxframe:none"]["step_s"]
-        fits = [r for r in by.values() if r.get("peak_gb") is not None and r["peak_gb"] <= card * 2**30 / GB]
+        fits = [r for r in by.values() if r.get("peak_gb") is not None and r["peak_gb"] <= card]
         for r in sorted(fits, key=lambda r: r["step_s"]):
-            lines.append(f"peak {r['peak_gb']:.1f} GB <= {card:g} GiB: {r['config']} at {r['step_s'] / base:.2f}x "
+            lines.append(f"peak {r['peak_gb']:.1f} GB <= {card:g} GB: {r['config']} at {r['step_s'] / base:.2f}x "
                          f"fluxframe:none's step time (target <= 2)")
     return lines
 
@@ -272,12 +276,14 @@ def summary(rows: list[dict], card: float) -> list[str]:
 def table(rows: list[dict], meta: dict, markdown: bool) -> str:
     base = next((r["step_s"] for r in rows if r["config"] == REFERENCE and "error" not in r), None)
     head = ["configuration", "weights on GPU", "peak", "first step", "step", "x fluxframe:none", "rel. err"]
+    def gb(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f} GB"
+
     body = []
     for r in rows:
         if "error" in r:
             body.append([r["config"], r["error"], "", "", "", "", ""])
             continue
-        gb = (lambda v: "—" if v is None else f"{v:.1f} GB")  # noqa: E731
         body.append([r["config"], gb(r.get("weights_gb")), gb(r.get("peak_gb")), f"{r['first_s']:.3f} s",
                      f"{r['step_s']:.3f} s", f"{r['step_s'] / base:.2f}" if base else "—",
                      f"{r['rel_err']:.1e}" if "rel_err" in r else "—"])

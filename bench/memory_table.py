@@ -88,10 +88,10 @@ def streaming(dit: dict, fmt: str, budget: float | None = None) -> tuple[float, 
     return on_gpu(resident), sum(sizes[resident:]), resident
 
 
-def rows_for(model: str, card: float) -> list[tuple[str, float, float]]:
-    """(configuration, weight bytes on the GPU, DiT bytes copied to the GPU per step)."""
-    config, text_params = SHAPES[model]
-    dit = dit_bytes(config)
+def rows_for(model: str, dit: dict, card: float) -> list[tuple[str, float, float]]:
+    """(configuration, weight bytes on the GPU, DiT bytes copied to the GPU per step); ``dit`` is
+    ``dit_bytes`` of the model's shape."""
+    text_params = SHAPES[model][1]
     text, vae = 2 * text_params, 2 * VAE_PARAMS
     rows = [
         ("none", text + dit["bf16"] + vae, 0),
@@ -129,7 +129,7 @@ def main() -> int:
         if args.markdown:
             print(head)
             print("|---|---|---|" + "---|" * len(CARDS))
-        for name, size, copied in rows_for(model, args.card):
+        for name, size, copied in rows_for(model, dit, args.card):
             fits = ["yes" if size + ACTIVATIONS <= c * GB else "no" for c in CARDS]
             per_step = f"{copied / GB:.1f} GB ({copied / GB / args.link:.2f} s)" if copied else "—"
             if args.markdown:

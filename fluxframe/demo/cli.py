@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers) -> dict:
     parser = subparsers.add_parser(
-        "train-demo", help="train the small demo model on the synthetic shapes data set (CPU, about an hour)",
+        "train-demo", help="train the small demo model on the synthetic shapes data set (CPU, about 90 minutes)",
         description="Render the synthetic shapes data set, train a small FLUX.2 autoencoder, then a small FLUX.2 "
                     "klein-style transformer on it by flow matching, and write a checkpoint folder in the diffusers "
                     "layout that fluxframe loads like any other (models/shapes-v1 was made this way). Resumable: "
