@@ -112,6 +112,25 @@ def test_the_low_noise_emphasis_runs_only_in_the_last_share_of_the_transformer_t
     assert calls == [(TINY["dit_batch"], 0.25, 0.6)] * 2
 
 
+def test_edge_weight_marks_the_pixels_near_a_colour_edge_and_nothing_else():
+    import torch
+
+    from fluxframe.demo.train import edge_weight
+
+    x = torch.full((2, 3, 32, 32), -0.5)
+    x[0, :, 10:20, 12:22] = torch.tensor([0.8, -1.0, 0.2]).view(3, 1, 1)  # a flat rectangle on a flat background
+    w = edge_weight(x, 5.0)
+    assert w.shape == (2, 1, 32, 32) and set(w.unique().tolist()) == {1.0, 5.0}
+    assert torch.all(w[1] == 1.0)  # a flat image has no edge
+    near = torch.zeros(32, 32, dtype=torch.bool)
+    near[7:23, 9:25] = True  # within three pixels of the rectangle's border (two, plus the blur's reach)
+    near[13:17, 15:19] = False  # the rectangle's middle is flat
+    assert torch.all(w[0, 0][near.logical_not()] == 1.0)
+    assert torch.all(w[0, 0, 9:11, 11:23] == 5.0) and torch.all(w[0, 0, 19:21, 11:23] == 5.0)  # top, bottom rims
+    assert torch.all(w[0, 0, 15, 15:19] == 1.0)
+    assert torch.equal(edge_weight(x, 1.0), torch.ones_like(w))
+
+
 def test_a_save_that_fails_midway_leaves_the_previous_stage_file_whole(tmp_path, monkeypatch):
     """Resuming depends on the work folder's files: a stage is saved under a temporary name and renamed, so a run
     stopped while saving leaves the last complete save (and no stray temporary file)."""
