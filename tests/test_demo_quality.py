@@ -2,9 +2,9 @@
 generated at the demo config's size, steps and guidance through the public API, and read back by image analysis.
 
 Two bars. ISSUE_BAR is issue 9's (colour >= 90 %, position >= 85 %, shape >= 75 %): models/shapes-v1 reaches
-it for colour and position but not for shape (measured: colour 100 %, position 100 %, shape 69 %, size 100 %,
-background 100 %; circles 16 of 16 right, squares 9 of 16, triangles 4 of 8, stars 4 of 8: squares come out with
-round corners, small stars and triangles often as blobs), so that test is an expected failure, strict: it fails
+it for colour and position but not for shape (measured: colour 98 %, position 98 %, shape 65 %, size 98 %,
+background 98 %; circles 15 of 16 right, squares 4 of 16, triangles 5 of 8, stars 7 of 8: squares come out with
+round corners and read as circles), so that test is an expected failure, strict: it fails
 the suite the day a retrained model passes, so this file gets updated then.
 FLOOR is the shipped model's measured level less a margin: a regression check on the checkpoint and on the code
 that loads and samples it. Run with -s to see the figures.
@@ -82,8 +82,8 @@ def test_demo_model_keeps_its_measured_level(graded):
         assert rates[key] >= floor, (key, rates)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 open: models/shapes-v1 measures colour 100 %, position 100 %, "
-                                       "shape 69 % against the bar of 90 / 85 / 75 %")
+@pytest.mark.xfail(strict=True, reason="issue 9 open: models/shapes-v1 measures colour 98 %, position 98 %, "
+                                       "shape 65 % against the bar of 90 / 85 / 75 %")
 def test_demo_model_draws_what_unseen_captions_ask_for(graded):
     rates = _rates(graded)
     for key, bar in ISSUE_BAR.items():

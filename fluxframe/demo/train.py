@@ -90,7 +90,7 @@ class TrainConfig:
     phase1_share: float = 0.85  # of the transformer's time
     # The last low_noise_share of the transformer's time draws low_noise_fraction of each batch's sigmas uniformly
     # below low_noise_max: the nearly clean steps are where a square's corners are kept or rounded off.
-    low_noise_share: float = 0.3
+    low_noise_share: float = 0.2
     low_noise_fraction: float = 0.5
     low_noise_max: float = 0.6
     schedule_steps: int = 24  # the sampling step count whose schedule shift the training timesteps follow
