@@ -1,5 +1,6 @@
 """The demo's training code, end to end on a tiny config: it writes a diffusers-layout folder that fluxframe then
-loads and runs through its ordinary API -- the same path as a real FLUX.2 klein base checkpoint, nothing demo-specific."""
+loads and runs through its ordinary API -- the same path as a real FLUX.2 klein base checkpoint, nothing
+demo-specific."""
 
 from __future__ import annotations
 
@@ -129,6 +130,33 @@ def test_edge_weight_marks_the_pixels_near_a_colour_edge_and_nothing_else():
     assert torch.all(w[0, 0, 9:11, 11:23] == 5.0) and torch.all(w[0, 0, 19:21, 11:23] == 5.0)  # top, bottom rims
     assert torch.all(w[0, 0, 15, 15:19] == 1.0)
     assert torch.equal(edge_weight(x, 1.0), torch.ones_like(w))
+
+
+def test_text_encoder_residual_scale_shrinks_the_branches_and_the_interaction_between_words(tmp_path):
+    """Only the attention and MLP output projections are scaled, and the captions' embeddings become more nearly a
+    sum of their words': the part of E(s,c,p) - E(s,c,p') - E(s,c',p) + E(s,c',p') left over shrinks."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fluxframe.demo.train import build_text_encoder, encode_captions
+
+    captions = [f"a large {c} {s} {p}, on a white background" for s in ("circle", "square")
+                for c in ("red", "blue") for p in ("on the left", "at the top")]
+    weights, leftover = {}, {}
+    for scale in (1.0, 0.1):
+        stage = tmp_path / str(scale)
+        build_text_encoder(stage, TrainConfig(**{**TINY, "text_residual_scale": scale}), seed=3)
+        weights[scale] = load_file(stage / "text_encoder" / "model.safetensors")
+        e = encode_captions(stage, stage, captions)[0][:, :40].flatten(1)
+        r = [e[i] - e[i + 1] - e[i + 2] + e[i + 3] for i in (0, 4)]  # per shape: (red, blue) x (left, top)
+        d = [e[i] - e[i + 3] for i in (0, 4)]
+        leftover[scale] = sum(x.norm() for x in r) / sum(x.norm() for x in d)
+    assert weights[1.0].keys() == weights[0.1].keys()
+    scaled = [k for k in weights[1.0] if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(scaled) == 2 * TrainConfig(**TINY).text_layers
+    for k, w in weights[1.0].items():
+        torch.testing.assert_close(weights[0.1][k], w * 0.1 if k in scaled else w, rtol=0, atol=0)
+    assert leftover[0.1] < 0.5 * leftover[1.0], leftover  # measured 0.28 -> 0.03 (seed 3)
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_stage_file_whole(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ Four stages, each resumable from the work folder:
    patchified latents of the whole data set, as the FLUX.2 autoencoder's BN stores them, and the normalised latents
    of every training image are cached.
 2. text encoder -- a word-level tokenizer over the captions' vocabulary (with a Qwen3 chat template) and a tiny
-   Qwen3 model (28 layers, for the klein taps 9/18/27) that stays frozen at its seeded random initialisation; every
-   caption's embeddings are computed once, through the very encoder class fluxframe loads at inference.
+   Qwen3 model (28 layers, for the klein taps 9/18/27) that stays frozen at its seeded random initialisation (its
+   residual branches scaled down, so that a word's hidden state stays mostly its own); every caption's embeddings
+   are computed once, through the very encoder class fluxframe loads at inference.
 3. transformer -- a FLUX.2 DiT of a few million parameters (no guidance embedder: klein-style), trained by flow
    matching (x_t = (1-t)·x0 + t·noise, target noise - x0) with t logit-normal, shifted by the same exponential mu
    the sampler uses for 64 tokens, 10 % of captions dropped to "" (so true CFG works), and an EMA of the weights.
@@ -72,6 +73,11 @@ class TrainConfig:
     # text encoder
     text_hidden: int = 32
     text_layers: int = 28
+    # The encoder's attention and MLP output projections start this much smaller than Qwen3's initialisation, so each
+    # layer adds little to the residual stream and a word's hidden state stays mostly its own: at 1.0, 30 % of the
+    # difference between two captions' embeddings is interaction between their words (what an unseen combination
+    # makes new), at 0.1 8 % (measured on 256 captions: the residual of E(s,c,p) - E(s,c,p') - E(s,c',p) + E(s,c',p')).
+    text_residual_scale: float = 0.1
     # transformer: hidden 288, the widest that keeps the shipped folder under 25 MB in float16 (wider denoises the
     # last, nearly clean steps better per minute of training, and generalised better to unseen captions)
     dit_heads: int = 6
@@ -106,9 +112,9 @@ class TrainConfig:
     max_scenes: int | None = None  # a subset, for smoke tests
 
 
-TINY = dict(image_size=64, copies=1, ae_channels=(8, 8, 8, 16, 16), ae_decoder_channels=None, ae_groups=1, ae_crop=64, ae_batch=4,
-            text_hidden=16, dit_heads=1, dit_head_dim=16, dit_double=1, dit_single=1, dit_batch=4, pad_sample=8,
-            dit_warmup=2, ae_steps=3, dit_steps=(2, 1), max_scenes=24)
+TINY = dict(image_size=64, copies=1, ae_channels=(8, 8, 8, 16, 16), ae_decoder_channels=None, ae_groups=1, ae_crop=64,
+            ae_batch=4, text_hidden=16, dit_heads=1, dit_head_dim=16, dit_double=1, dit_single=1, dit_batch=4,
+            pad_sample=8, dit_warmup=2, ae_steps=3, dit_steps=(2, 1), max_scenes=24)
 
 
 def log(msg: str) -> None:
@@ -339,7 +345,8 @@ def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, b
 
 @torch.no_grad()
 def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.Tensor:
-    """Set the BN statistics from the patchified latents of all images; returns the normalised latents (N, 128, h, w)."""
+    """Set the BN statistics from the patchified latents of all images; returns the normalised latents
+    (N, 128, h, w)."""
     from fluxframe.plugins.flux2.autoencoder import _patchify
 
     path = work / "latents.pt"
@@ -405,14 +412,18 @@ def build_tokenizer(out_dir: Path) -> None:
 def build_text_encoder(stage: Path, cfg: TrainConfig, seed: int) -> None:
     from transformers import AutoTokenizer
 
-    from fluxframe.plugins.flux2.tiny import build_tiny_qwen3
+    from fluxframe.plugins.flux2.tiny import tiny_qwen3
 
     if (stage / "text_encoder" / "config.json").exists():
         return
     build_tokenizer(stage / "tokenizer")
     vocab = len(AutoTokenizer.from_pretrained(stage / "tokenizer", local_files_only=True))
-    build_tiny_qwen3(stage / "text_encoder", vocab_size=vocab, seed=seed, hidden_size=cfg.text_hidden,
-                     num_hidden_layers=cfg.text_layers)
+    model = tiny_qwen3(vocab_size=vocab, seed=seed, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weight.mul_(cfg.text_residual_scale)
+    model.save_pretrained(stage / "text_encoder", safe_serialization=True)
 
 
 @torch.no_grad()
