@@ -10,7 +10,8 @@ the libraries' own footprint is not counted. It is taken twice: once when the lo
 ("load") and once after every parameter has been read ("ready": what a first forward pass would
 touch). The second matters because a tensor left backed by a memory-mapped file costs nothing in
 RSS until its pages are touched, so "load" alone can flatter a loader that keeps the file mapped;
-the run also reports whether the checkpoint is still mapped into the process after loading.
+the run also reports whether the checkpoint is still mapped into the process after loading. Time is
+taken at both points too: a lazy loader's "load" is nearly free and its reading is done by "ready".
 
     .venv/bin/python bench/loading.py                       # write 2 GB to a temp folder, compare, clean up
     .venv/bin/python bench/loading.py --folder /tmp/ck --keep --json
@@ -126,6 +127,7 @@ def load_once(folder: Path, impl: str, dtype: str, quantize: str | None = None) 
     with torch.no_grad():
         checksum = sum(int(t.reshape(-1).view(torch.uint8).max())
                        for t in model.state_dict().values())  # touches every page, copies nothing
+    ready_seconds = time.perf_counter() - t0
     peak_ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     resolved = str(folder.resolve())
     with open("/proc/self/maps") as f:
@@ -133,6 +135,7 @@ def load_once(folder: Path, impl: str, dtype: str, quantize: str | None = None) 
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # quantised weights are buffers
     return {
         "impl": impl + (f"+{quantize}" if quantize else ""), "dtype": dtype, "seconds": seconds,
+        "ready_seconds": ready_seconds,
         "baseline_bytes": baseline * 1024,
         "peak_load_bytes": (peak_load - baseline) * 1024,
         "peak_ready_bytes": (peak_ready - baseline) * 1024,
@@ -227,7 +230,8 @@ def main() -> int:
         theirs = rows["diffusers"]
         ratios = {name: {"peak_ready": r["peak_ready_bytes"] / theirs["peak_ready_bytes"],
                          "peak_load": r["peak_load_bytes"] / max(1, theirs["peak_load_bytes"]),
-                         "seconds": r["seconds"] / theirs["seconds"]}
+                         "seconds": r["seconds"] / theirs["seconds"],
+                         "ready_seconds": r["ready_seconds"] / theirs["ready_seconds"]}
                   for name, r in rows.items() if name != "diffusers"}
         result = {"checkpoint_bytes": size, "file_dtype": args.file_dtype, "load_dtype": load_dtype,
                   "runs": rows, "ratios_over_diffusers": ratios}
@@ -236,15 +240,15 @@ def main() -> int:
         else:
             print(f"checkpoint {size / 1e9:.2f} GB ({args.file_dtype}) -> {load_dtype}, "
                   f"peak RSS above the post-import baseline, GiB")
-            print(f"{'loader':<15} {'time s':>7} {'peak@load':>10} {'peak@ready':>11} {'/ckpt':>6} "
+            print(f"{'loader':<15} {'load s':>7} {'ready s':>8} {'peak@load':>10} {'peak@ready':>11} {'/ckpt':>6} "
                   f"{'model':>7} {'mapped':>7}")
             for name, r in rows.items():
-                print(f"{name:<15} {r['seconds']:7.2f} {_gib(r['peak_load_bytes']):>10} "
+                print(f"{name:<15} {r['seconds']:7.2f} {r['ready_seconds']:8.2f} {_gib(r['peak_load_bytes']):>10} "
                       f"{_gib(r['peak_ready_bytes']):>11} {r['peak_ready_bytes'] / size:6.2f} "
                       f"{_gib(r['model_bytes']):>7} {r['file_mappings_after_load']:>7}")
             for name, q in ratios.items():
                 print(f"{name} / diffusers: peak@ready {q['peak_ready']:.2f}, peak@load {q['peak_load']:.2f}, "
-                      f"time {q['seconds']:.2f}")
+                      f"load time {q['seconds']:.2f}, time to ready {q['ready_seconds']:.2f}")
     finally:
         if not args.keep and args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
