@@ -14,8 +14,8 @@ and every pair of them -- is still seen in training, only the combination is new
 
 The measurement functions (``analyse``) find the shape as the pixels far in colour from the background (estimated
 from the image border), then read its colour (median of the region, nearest named colour), its position (centroid,
-nearest anchor), its size (area) and its shape (solidity against the convex hull, fill of the bounding box, and
-which of a disk and a square of the region's own area and centroid overlaps it more).
+nearest anchor), its size (longer side of the bounding box) and its shape (solidity against the convex hull, fill of
+the bounding box, and which of a disk and a square of the region's own area and centroid overlaps it more).
 """
 
 from __future__ import annotations
