@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_MINUTES = 88.0  # what models/shapes-v1 was trained with
+DEFAULT_MINUTES = 88.0  # what models/shapes-v1 was trained with; TrainConfig.minutes defaults to it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

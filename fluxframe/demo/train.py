@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
+from .cli import DEFAULT_MINUTES
 
 MAX_TEXT_TOKENS = 512  # what the klein prompt encoder pads to
 
@@ -103,7 +104,7 @@ class TrainConfig:
     # budget: wall-clock minutes in all. The autoencoder trains a fixed number of steps (a machine busier than
     # expected must not cut it short: its round trip caps what the transformer can draw), or ae_share of the
     # minutes if ae_steps is None; the transformer trains for whatever time is left, unless dit_steps are given.
-    minutes: float = 88.0
+    minutes: float = DEFAULT_MINUTES
     ae_share: float = 0.12
     ae_steps: int | None = 3000
     dit_steps: tuple[int, int] | None = None  # (phase 1, phase 2)
