@@ -413,18 +413,14 @@ def build_tokenizer(out_dir: Path) -> None:
 def build_text_encoder(stage: Path, cfg: TrainConfig, seed: int) -> None:
     from transformers import AutoTokenizer
 
-    from fluxframe.plugins.flux2.tiny import tiny_qwen3
+    from fluxframe.plugins.flux2.tiny import build_tiny_qwen3
 
     if (stage / "text_encoder" / "config.json").exists():
         return
     build_tokenizer(stage / "tokenizer")
     vocab = len(AutoTokenizer.from_pretrained(stage / "tokenizer", local_files_only=True))
-    model = tiny_qwen3(vocab_size=vocab, seed=seed, hidden_size=cfg.text_hidden, num_hidden_layers=cfg.text_layers)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                weight.mul_(cfg.text_residual_scale)
-    model.save_pretrained(stage / "text_encoder", safe_serialization=True)
+    build_tiny_qwen3(stage / "text_encoder", vocab_size=vocab, seed=seed, hidden_size=cfg.text_hidden,
+                     num_hidden_layers=cfg.text_layers, residual_scale=cfg.text_residual_scale)
 
 
 @torch.no_grad()

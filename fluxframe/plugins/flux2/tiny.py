@@ -195,8 +195,10 @@ def build_tiny_qwen_tokenizer(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def tiny_qwen3(*, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 28):
-    """A randomly initialised tiny `Qwen3ForCausalLM` (enough layers for the 9/18/27 taps)."""
+def tiny_qwen3(*, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 28,
+               residual_scale: float = 1.0):
+    """A randomly initialised tiny `Qwen3ForCausalLM` (enough layers for the 9/18/27 taps). ``residual_scale``
+    multiplies the attention and MLP output projections, the residual branches, after initialisation."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -206,7 +208,13 @@ def tiny_qwen3(*, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_hid
         eos_token_id=QWEN_SPECIAL_TOKENS.index("<|im_end|>"), pad_token_id=QWEN_SPECIAL_TOKENS.index("<|endoftext|>"),
     )
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config).eval()
+    model = Qwen3ForCausalLM(config).eval()
+    if residual_scale != 1.0:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    weight.mul_(residual_scale)
+    return model
 
 
 def build_tiny_qwen3(out_dir: Path, *, vocab_size: int, seed: int = 0, **kwargs) -> None:
