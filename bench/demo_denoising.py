@@ -18,19 +18,15 @@ import dataclasses
 import json
 import sys
 import time
-import tomllib
 from collections import Counter
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("colour", "position", "shape", "size", "background")
+from _demo import DEMO_MODEL, demo_pipeline
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "shapes-v1"), help="a shapes checkpoint folder")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="a shapes checkpoint folder")
     p.add_argument("--scenes", type=int, default=48, help="training scenes graded per start step")
     p.add_argument("--starts", default="0,12,16,20,22,23", help="schedule steps to start sampling from")
     p.add_argument("--batch", type=int, default=16)
@@ -42,16 +38,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from fluxframe import api
     from fluxframe.core.images import to_pil
     from fluxframe.core.types import Conditioning
     from fluxframe.demo import shapes
     from fluxframe.demo.train import render_all, to_unit
 
-    sampler = tomllib.loads((ROOT / "configs" / "demo.toml").read_text(encoding="utf-8"))["sampler"]
+    pipeline, sampler = demo_pipeline(args.model)
     steps, guidance, size = sampler["steps"], sampler["guidance"], sampler["width"]
-    pipeline = api.load(api.parse_config({"model": {"family": "flux2", "path": args.model, "dtype": "float32"},
-                                          "sampler": dict(sampler)}))
     model, euler = pipeline.stages.model, pipeline.stages.sampler
     train = shapes.all_scenes("train")  # jitter-free, sorted: every k-th spreads over shapes and colours
     scenes = train[:: max(1, len(train) // args.scenes)][: args.scenes]
@@ -80,17 +73,17 @@ def main() -> int:
     result = {"model": args.model, "scenes": len(scenes), "steps": steps, "guidance": guidance,
               "seconds": round(time.perf_counter() - started, 1),
               "by_start": [{"start_step": k, "sigma": round(float(sigmas[k]), 3),
-                            **{key: rows[k][key] / len(scenes) for key in KEYS}} for k in starts]}
+                            **{key: rows[k][key] / len(scenes) for key in shapes.GRADED}} for k in starts]}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['model']}: {len(scenes)} training scenes, {steps} steps, guidance {guidance} "
           f"({result['seconds']} s)\n")
-    print("| start step | sigma | " + " | ".join(KEYS) + " |")
-    print("|---|---|" + "---|" * len(KEYS))
+    print("| start step | sigma | " + " | ".join(shapes.GRADED) + " |")
+    print("|---|---|" + "---|" * len(shapes.GRADED))
     for row in result["by_start"]:
         label = f"{row['start_step']} (no sampling)" if row["start_step"] == steps else str(row["start_step"])
-        print(f"| {label} | {row['sigma']} | " + " | ".join(f"{row[k]:.0%}" for k in KEYS) + " |")
+        print(f"| {label} | {row['sigma']} | " + " | ".join(f"{row[k]:.0%}" for k in shapes.GRADED) + " |")
     return 0
 
 

@@ -15,20 +15,18 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from _demo import DEMO_MODEL, demo_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("colour", "position", "shape", "size", "background")
 TILE = 96  # pixels per image on the contact sheet
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "shapes-v1"), help="a shapes checkpoint folder")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="a shapes checkpoint folder")
     p.add_argument("--captions", type=int, default=48, help="held-out captions to generate")
     p.add_argument("--seed", type=int, default=1000, help="caption i is generated with seed SEED + i")
     p.add_argument("--steps", type=int, help="default: the demo config's")
@@ -55,10 +53,7 @@ def main() -> int:
     from fluxframe import api
     from fluxframe.demo import shapes
 
-    sampler = tomllib.loads((ROOT / "configs" / "demo.toml").read_text(encoding="utf-8"))["sampler"]
-    sampler.update({k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None})
-    pipeline = api.load(api.parse_config({"model": {"family": "flux2", "path": args.model, "dtype": "float32"},
-                                          "sampler": sampler}))
+    pipeline, sampler = demo_pipeline(args.model, steps=args.steps, guidance=args.guidance)
     scenes = shapes.held_out_scenes(args.captions)
     counts, confusion, images, misread = Counter(), defaultdict(Counter), [], []
     started = time.perf_counter()
@@ -77,14 +72,14 @@ def main() -> int:
         contact_sheet(images, args.grid)
     result = {"model": args.model, "captions": len(scenes), "seed": args.seed, "steps": sampler["steps"],
               "guidance": sampler["guidance"], "seconds": round(time.perf_counter() - started, 1),
-              **{key: counts[key] / len(scenes) for key in KEYS},
+              **{key: counts[key] / len(scenes) for key in shapes.GRADED},
               "confusion": {shape: dict(read) for shape, read in confusion.items()}, "misread": misread}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.model}: {len(scenes)} held-out captions, seeds {args.seed}+, {sampler['steps']} steps, guidance "
           f"{sampler['guidance']} ({result['seconds']} s)")
-    print(", ".join(f"{key} {result[key]:.0%}" for key in KEYS))
+    print(", ".join(f"{key} {result[key]:.0%}" for key in shapes.GRADED))
     for shape, read in confusion.items():
         print(f"  {shape}: {read[shape]} of {sum(read.values())} right, read as {dict(read)}")
     for row in misread:

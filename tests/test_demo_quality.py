@@ -64,7 +64,7 @@ def _rates(graded) -> dict[str, float]:
     for scene, found in rows:
         for key, ok in shapes.grade(scene, found).items():
             counts[key] += ok
-    rates = {key: counts[key] / len(rows) for key in ("colour", "position", "shape", "size", "background")}
+    rates = {key: counts[key] / len(rows) for key in shapes.GRADED}
     print(f"\ndemo model on {len(rows)} held-out captions at {sampler['width']}x{sampler['height']}, "
           f"{sampler['steps']} steps, guidance {sampler['guidance']}: "
           + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()))

@@ -305,11 +305,12 @@ def _template_overlaps(mask: np.ndarray, cx: float, cy: float) -> tuple[float, f
     area = float(mask.sum())
     ys, xs = np.ogrid[: mask.shape[0], : mask.shape[1]]
     dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
-    overlaps = []
-    for template in (dx * dx + dy * dy <= area / math.pi,
-                     (np.abs(dx) <= math.sqrt(area) / 2) & (np.abs(dy) <= math.sqrt(area) / 2)):
-        overlaps.append(float((mask & template).sum()) / float((mask | template).sum()))
-    return overlaps[0], overlaps[1]
+
+    def overlap(template: np.ndarray) -> float:
+        return float((mask & template).sum()) / float((mask | template).sum())
+
+    half_side = math.sqrt(area) / 2
+    return overlap(dx * dx + dy * dy <= area / math.pi), overlap((np.abs(dx) <= half_side) & (np.abs(dy) <= half_side))
 
 
 def analyse(image, threshold: float = 60.0) -> Analysis:
@@ -339,7 +340,8 @@ def analyse(image, threshold: float = 60.0) -> Analysis:
     )
 
 
+GRADED = ("colour", "position", "shape", "size", "background")  # what ``grade`` checks, in this order
+
+
 def grade(scene: Scene, found: Analysis) -> dict[str, bool]:
-    return {"colour": found.colour == scene.colour, "position": found.position == scene.position,
-            "shape": found.shape == scene.shape, "size": found.size == scene.size,
-            "background": found.background == scene.background}
+    return {key: getattr(found, key) == getattr(scene, key) for key in GRADED}
