@@ -57,6 +57,15 @@ class OutputError(FluxframeError):
     """An output could not be written."""
 
 
+class AuditError(FluxframeError):
+    """The audit log cannot be appended safely: it is not writable, not a regular file, its head cannot be
+    written, its tail does not verify, or its head file is missing beside a non-empty log. Nothing is run."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
 class SafetyError(FluxframeError):
     """The safety layer cannot run as configured (a required filter is missing or fails to load)."""
 

@@ -61,18 +61,14 @@ def write_atomic(image: Image.Image, path: Path, fmt: str, finish: Callable[[Pat
 
 
 def open_image(item: Any, where: str):
-    """A path or PIL image -> a fully loaded PIL image, or a RequestError naming the input."""
+    """A path, an InputFile (see fluxframe.core.inputs) or a PIL image -> a fully loaded PIL image, or a
+    RequestError naming the input."""
+    from fluxframe.core.inputs import InputFile, read_input
+
     if isinstance(item, Image.Image):
         return item
-    if not isinstance(item, (str, Path)):
+    if isinstance(item, (str, Path)):
+        item = read_input(item, where)
+    if not isinstance(item, InputFile):
         raise RequestError(f"must be an image file path or a PIL image, got {type(item).__name__}", field=where)
-    try:
-        with Image.open(item) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise RequestError(f"{item}: no such file", field=where) from None
-    except Image.DecompressionBombError as exc:
-        raise RequestError(f"{item}: refused, too many pixels ({exc})", field=where) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"{item}: not a readable image ({exc})", field=where) from None
+    return item.image(where)

@@ -55,6 +55,12 @@ class ModelFamily(ABC):
         weights. Returns warnings; raises FluxframeError for what cannot work."""
         return []
 
+    @classmethod
+    def limits_for(cls, config: Config) -> ModelLimits | None:
+        """The limits this config's checkpoint gives, read from its config files without loading weights
+        (``fluxframe config check`` holds the ``[sampler]`` size against them). None: not known before loading."""
+        return None
+
     @property
     @abstractmethod
     def checkpoint_id(self) -> str:
@@ -143,6 +149,10 @@ class Conditioner(ABC):
     name: ClassVar[str]
     #: Model family names this conditioner works with; empty means any.
     families: ClassVar[tuple[str, ...]] = ()
+    #: Input keys whose values are files (a path, or a list of paths). The runner reads each file once into
+    #: memory (``fluxframe.core.inputs.InputFile``) before any filter runs and hands the conditioner those
+    #: objects instead of the paths, so the filters, the audit hashes and the model all use the same bytes.
+    file_inputs: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def prepare(
@@ -192,6 +202,10 @@ class Postprocessor(ABC):
 
     name: ClassVar[str]
     order: ClassVar[int] = 100
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise RequestError (naming ``width`` or ``height``) when this step cannot finish an image of this size.
+        Called before any model work, so a request it cannot finish is refused, not generated and then not finished."""
 
     def process_image(self, image: Any, context: OutputContext) -> Any:
         """Change the PIL image before it is encoded (e.g. embed a watermark)."""
