@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fluxframe.core.config import Config, LoraSettings, load_config, parse_config
-from fluxframe.core.pipeline import Pipeline, config_warnings
+from fluxframe.core.pipeline import Pipeline, check_output, config_warnings
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import GenerationRequest, GenerationResult
 
-__all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "PluginHost", "check_config", "encode",
+__all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "PluginHost", "check_config", "check_output",
+           "encode",
            "load", "load_config", "parse_config", "with_loras"]
 
 

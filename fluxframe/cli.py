@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_positive("--guidance", float, 0.0))
     gen.add_argument("--width", type=_positive("--width", minimum=16))
     gen.add_argument("--height", type=_positive("--height", minimum=16))
-    gen.add_argument("--output", type=Path, help="output file (default: the config's [output] dir)")
+    gen.add_argument("--output", type=Path, help="output file, .png, .jpg or .webp (default: the config's [output] "
+                     "dir and name)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never a file the "
+                     "deployment itself reads or writes: config, audit log, keys, checkpoint)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--negative-prompt", help="what to steer away from (models with true guidance)")
     gen.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:WEIGHT]",
@@ -118,7 +121,10 @@ def cmd_generate(args) -> int:
 
     from fluxframe import api
 
-    pipeline = api.load(api.with_loras(args.config, args.lora) if args.lora else args.config)
+    config = api.with_loras(args.config, args.lora) if args.lora else api.load_config(args.config)
+    if args.output is not None:  # before weights load: a run must not end in an image it may not write
+        api.check_output(config, args.output, overwrite=args.overwrite)
+    pipeline = api.load(config)
     bar = None
 
     def progress(info):
@@ -133,7 +139,8 @@ def cmd_generate(args) -> int:
             api.GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                   prompt_embeds=args.prompt_embeds, upsample_prompt=args.upsample_prompt,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                                  output=args.output, conditioning=request_conditioning(args)),
+                                  output=args.output, overwrite=args.overwrite,
+                                  conditioning=request_conditioning(args)),
             progress=progress,
         )
     finally:
@@ -205,6 +212,11 @@ COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli", "fluxfram
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # An argument that is not valid UTF-8 reaches Python as lone surrogates: print such paths as their bytes
+    # rather than fail after the work is done.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # transformers' own progress bars and notices would bury fluxframe's output

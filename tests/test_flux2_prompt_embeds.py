@@ -121,7 +121,7 @@ def test_cli_encode_then_generate(klein_folders, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(".png")
     assert main(["generate", "--config", str(tmp_path / "c.toml"), "--prompt-embeds", str(tmp_path / "no"),
                  "--no-progress"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_upsampling_rewrites_filters_and_records_the_prompt(diffusers_flux2_folder, words_host):

@@ -63,6 +63,7 @@ class ControlConditioner(Conditioner):
 
     name = "control"
     families = ("flex2",)
+    file_inputs = ("image",)
 
     def __init__(self, kind: str = "map", strength: float = 1.0, stop: float = 1.0, depth_model: str | None = None,
                  pose_model: str | None = None, line_low: int = 100, line_high: int = 200, posterior: str = "mode",

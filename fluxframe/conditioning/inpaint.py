@@ -49,6 +49,7 @@ class InpaintConditioner(Conditioner):
 
     name = "inpaint"
     families = ("flex2",)
+    file_inputs = ("image", "mask")
 
     def __init__(self, posterior: str = "mode"):
         self.posterior = check_posterior(self.name, posterior)

@@ -80,6 +80,7 @@ class ReferenceConditioner(Conditioner):
 
     name = "reference"
     families = ("flux2",)
+    file_inputs = ("images",)
 
     def __init__(self, max_references: int = MAX_REFERENCES):
         if not isinstance(max_references, int) or isinstance(max_references, bool) or \

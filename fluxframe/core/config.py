@@ -69,7 +69,16 @@ class SamplerSection(_Section):
 class OutputSection(_Section):
     dir: str = "outputs"
     format: Literal["png", "jpeg", "webp"] = "png"
-    name: str = "{request_id}"
+    name: str = "{request_id}"  # fields: fluxframe.core.output.TEMPLATE_FIELDS; one file name, never a path
+
+    @field_validator("name")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from fluxframe.core.output import template_problem
+
+        if (problem := template_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class PluginsSection(_Section):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fluxframe import __version__
+from fluxframe.core.inputs import InputFile, read_input
 from fluxframe.errors import CheckpointError
 
 FORMAT = "fluxframe-prompt-embeds/1"
@@ -41,29 +42,41 @@ def save(path: Path, identity: dict, prompt: str, embeds: torch.Tensor, negative
     return path
 
 
-def load(path: Path, identity: dict, width: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of an embeddings file made by the encoder ``identity``, ``width`` wide."""
-    from safetensors import SafetensorError, safe_open
+def load(source: Path | InputFile, identity: dict, width: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of an embeddings file made by the encoder ``identity``, ``width`` wide. ``source``
+    is the file's bytes as the runner read them once (a path is read here, the same way)."""
+    import struct
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("prompt embeddings file does not exist", file=str(path))
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    from fluxframe.errors import RequestError
+
+    if not isinstance(source, InputFile):
+        try:
+            source = read_input(source, "prompt_embeds")
+        except RequestError as exc:
+            raise CheckpointError(str(exc).removeprefix("prompt_embeds: "), file=str(source)) from None
+    path, data = source.name, source.data
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"not a safetensors file: {exc}", file=str(path)) from None
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        metadata = header.get("__metadata__") or {}
+        tensors = load_tensors(data)
+    except (SafetensorError, struct.error, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"not a safetensors file: {exc}", file=path) from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError("not a safetensors file: its metadata is not a table", file=path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"not a fluxframe prompt embeddings file (metadata format is {metadata.get('format')!r}, "
-                              f"expected {FORMAT!r})", file=str(path), key="format")
+                              f"expected {FORMAT!r})", file=path, key="format")
     for key in ("prompt_embeds", "negative_prompt_embeds"):
         t = tensors.get(key)
         if t is None and key == "prompt_embeds":
-            raise CheckpointError("has no prompt_embeds tensor", file=str(path), key=key)
+            raise CheckpointError("has no prompt_embeds tensor", file=path, key=key)
         if t is not None and (t.ndim != 3 or t.shape[-1] != width):
             raise CheckpointError(f"{key} has shape {tuple(t.shape)}; this model takes (1, L, {width}) embeddings",
-                                  file=str(path), key=key)
+                                  file=path, key=key)
     stored = metadata.get("encoder_sha256")
     if stored != identity_hash(identity):
         try:
@@ -72,5 +85,5 @@ def load(path: Path, identity: dict, width: int) -> tuple[dict[str, torch.Tensor
             theirs = None
         raise CheckpointError(
             f"made by another text encoder than this config's ({theirs or 'unknown'}; this model uses {identity})",
-            file=str(path), key="encoder_sha256")
+            file=path, key="encoder_sha256")
     return tensors, metadata

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from fluxframe.core.config import Config
+    from fluxframe.core.inputs import InputFile
     from fluxframe.core.types import (
         Conditioning,
         GenerationRequest,
@@ -109,9 +110,10 @@ class ModelFamily(ABC):
 
         raise RequestError(f"model family {self.name!r} cannot upsample prompts", field="upsample_prompt")
 
-    def load_prompt_embeds(self, path: Path) -> tuple[TextConditioning, str | None, str | None]:
-        """Embeddings written by ``fluxframe encode``: (conditioning, stored prompt, stored negative prompt).
-        Must refuse files from another encoder and must not load the text encoder."""
+    def load_prompt_embeds(self, source: InputFile) -> tuple[TextConditioning, str | None, str | None]:
+        """Embeddings written by ``fluxframe encode``, read once by the runner (``source.data`` are the file's
+        bytes): (conditioning, stored prompt, stored negative prompt). Must refuse files from another encoder and
+        must not load the text encoder."""
         from fluxframe.errors import RequestError
 
         raise RequestError(f"model family {self.name!r} cannot use prompt embeddings files", field="prompt_embeds")

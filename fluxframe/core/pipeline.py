@@ -26,6 +26,7 @@ from typing import Any
 
 from fluxframe import __version__
 from fluxframe.core.config import Config
+from fluxframe.core.inputs import InputFile, read_file_inputs, read_input
 from fluxframe.core.interfaces import (
     ComposedStrategy,
     Conditioner,
@@ -35,9 +36,25 @@ from fluxframe.core.interfaces import (
     Postprocessor,
     Sampler,
 )
+from fluxframe.core.output import (
+    OutputGuard,
+    check_folder,
+    check_request_id,
+    check_target,
+    sweep_stale,
+    template_name,
+)
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, StepInfo
-from fluxframe.errors import Blocked, ConfigError, FluxframeError, ProvenanceError, RequestError, SafetyError
+from fluxframe.errors import (
+    Blocked,
+    ConfigError,
+    FluxframeError,
+    OutputError,
+    ProvenanceError,
+    RequestError,
+    SafetyError,
+)
 
 log = logging.getLogger("fluxframe")
 
@@ -55,6 +72,7 @@ class Stages:
     conditioners: dict[str, Conditioner] = field(default_factory=dict)
     postprocessors: list[Postprocessor] = field(default_factory=list)
     audit: Any = None  # fluxframe.safety.audit.AuditLog, when [safety] audit_log is set
+    guard: OutputGuard = field(default_factory=OutputGuard)
 
 
 def _check_plugins(config: Config, host: PluginHost) -> list[str]:
@@ -64,6 +82,11 @@ def _check_plugins(config: Config, host: PluginHost) -> list[str]:
     build_conditioners(config, host)
     lora_specs(config)
     warnings = list(family.check(config))
+    limits = family.limits_for(config)
+    if limits is not None:
+        for key in ("width", "height"):
+            if (problem := size_problem(getattr(config.sampler, key), limits)) is not None:
+                raise ConfigError(f"{problem} for this checkpoint", path=config.source, key=f"sampler.{key}")
     if config.safety is None:
         warnings.append(NO_SAFETY)
     elif config.safety.audit_log is None:
@@ -83,8 +106,75 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
 
     warnings = _check_plugins(config, host)
     SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
-    build_postprocessors(config, host)
+    check_default_size(config, build_postprocessors(config, host))
+    guard = build_guard(config)
+    if (why := guard.problem(config.output_dir)) is not None:
+        raise ConfigError(f"{config.output_dir} {why}", path=config.source, key="output.dir")
+    check_folder(config.output_dir, create=False)
     return warnings
+
+
+def check_output(config: Config, path: str | Path, *, overwrite: bool = False) -> Path:
+    """The checks an output path gets, made before any weight loads (the CLI calls this first)."""
+    path = Path(path).expanduser().absolute()
+    check_target(path, overwrite=overwrite, guard=build_guard(config))
+    return path
+
+
+def size_problem(value: int, limits: Any) -> str | None:
+    if not limits.min_size <= value <= limits.max_size:
+        return f"must be between {limits.min_size} and {limits.max_size}, got {value}"
+    if value % limits.pixel_multiple:
+        return f"must be a multiple of {limits.pixel_multiple}, got {value}"
+    return None
+
+
+def check_default_size(config: Config, postprocessors: list[Postprocessor]) -> None:
+    """The [sampler] size must be one every postprocessor can finish (a watermark has a minimum size)."""
+    for post in postprocessors:
+        try:
+            post.check_size(config.sampler.width, config.sampler.height)
+        except RequestError as exc:
+            raise ConfigError(str(exc), path=config.source, key=f"sampler.{exc.field or 'width'}") from None
+
+
+def _option_paths(config: Config) -> list[Path]:
+    """Files and folders named by plugin options (filter lists, estimator models ...): strings that name an
+    existing path, resolved as the plugin resolves them (against the config's folder)."""
+    tables = [s.options for s in (config.safety.filters.values() if config.safety else ())]
+    tables += [c.options for c in config.conditioners] + list(config.memory.options.values())
+    out = []
+    for table in tables:
+        values = [v for value in table.values() for v in (value if isinstance(value, list) else [value])]
+        for value in values:
+            if isinstance(value, str) and value and "\0" not in value:
+                path = config.resolve(value)
+                if path.exists():
+                    out.append(path)
+    return out
+
+
+def build_guard(config: Config) -> OutputGuard:
+    """Every file this deployment reads or writes: no output may be one of them (see fluxframe.core.output)."""
+    guard = OutputGuard()
+    paths = [Path(config.source)] if Path(config.source).is_file() else []
+    if config.model.path is not None:
+        model = config.model_path
+        paths.append(model)
+        if model.is_file():  # a single file's other components are folders beside it
+            paths += [p for p in model.parent.iterdir() if p.is_dir()]
+    paths += [config.resolve(p) for p in (config.model.vae, config.model.text_encoder) if p is not None]
+    paths += [config.resolve(entry.path) for entry in config.lora]
+    if config.safety is not None and config.safety.audit_log is not None:
+        from fluxframe.safety.audit import head_path
+
+        log_file = config.resolve(config.safety.audit_log)
+        paths += [log_file, head_path(log_file)]
+    if config.provenance is not None and config.provenance.c2pa is not None:
+        paths += [config.resolve(config.provenance.c2pa.certificate), config.resolve(config.provenance.c2pa.private_key)]
+    for path in paths + _option_paths(config):
+        guard.add(path)
+    return guard
 
 
 def lora_specs(config: Config) -> list[dict[str, Any]]:
@@ -206,14 +296,39 @@ def build_conditioners(config: Config, host: PluginHost) -> dict[str, Conditione
 
 
 def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+    return hashlib.sha256(_utf8(data) if isinstance(data, str) else data).hexdigest()
 
 
-def _file_hash(path: Path | str | None) -> str | None:
+def _utf8(text: str) -> bytes:
+    """A text's bytes; a command-line argument that was not valid UTF-8 gets its original bytes back."""
     try:
-        return _sha256(Path(path).read_bytes()) if path is not None else None
-    except OSError:  # a missing or unreadable file: the error that follows says so
-        return None
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _printable(value: Any) -> Any:
+    """A record with every string made valid UTF-8 (lone surrogates from undecodable arguments escaped), so an
+    audit line can always be written."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
+
+
+def _input_files(request: GenerationRequest) -> list[tuple[str, InputFile]]:
+    """The files a request's conditioner inputs were read from, by role ("reference.images[0]")."""
+    out = []
+    for name, inputs in request.conditioning.items():
+        for key, value in (inputs.items() if isinstance(inputs, dict) else ()):
+            if isinstance(value, InputFile):
+                out.append((f"{name}.{key}", value))
+            elif isinstance(value, (list, tuple)):
+                out += [(f"{name}.{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, InputFile)]
+    return out
 
 
 def _now() -> str:
@@ -272,13 +387,29 @@ class Pipeline:
                               "config_sha256": _config_hash(config), "reasons": [str(exc)]})
             raise
         postprocessors = build_postprocessors(config, host)
+        check_default_size(config, postprocessors)
+        # Where outputs go is checked before weights load too: a run must not end in an image it cannot write.
+        guard = build_guard(config)
+        if (why := guard.problem(config.output_dir)) is not None:
+            raise ConfigError(f"{config.output_dir} {why}", path=config.source, key="output.dir")
+        check_folder(config.output_dir, create=True)
         memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
         apply_loras(config, model)
         sampler = host.get("sampler", config.sampler.name).factory()
         stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
-                        conditioners=build_conditioners(config, host))
-        return cls(config, stages, host)
+                        conditioners=build_conditioners(config, host), guard=guard)
+        pipeline = cls(config, stages, host)
+        pipeline.sweep(config.output_dir)
+        return pipeline
+
+    def sweep(self, folder: Path) -> None:
+        """Remove the temporaries of writers that died under ``folder`` (see fluxframe.core.output), audited."""
+        for removed in sweep_stale(folder):
+            log.warning("removed the unfinished output of an interrupted run: %s", removed["folder"])
+            if self.stages.audit is not None:
+                self.stages.audit.append(_printable({"time": _now(), "event": "stale-temporaries-removed",
+                                                     "fluxframe": __version__, **removed}))
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -304,6 +435,16 @@ class Pipeline:
                 raise RequestError("a prompt given as embeddings cannot be rewritten", field="upsample_prompt")
         elif not isinstance(request.prompt, str):
             raise RequestError(f"must be text, got {type(request.prompt).__name__}", field="prompt")
+        for key in ("prompt", "negative_prompt"):
+            text = getattr(request, key)
+            if text is not None and not isinstance(text, str):
+                raise RequestError(f"must be text, got {type(text).__name__}", field=key)
+            try:
+                if text is not None:
+                    text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RequestError(f"is not valid UTF-8 text (undecodable byte at character {exc.start})",
+                                   field=key) from None
         if not 0 <= settings["seed"] < 2**63:
             raise RequestError(f"must be between 0 and 2**63 - 1, got {settings['seed']}", field="seed")
         if not 1 <= settings["steps"] <= 1000:
@@ -316,11 +457,10 @@ class Pipeline:
                 f"{settings['guidance']} (guidance-distilled models have none; base models need guidance > 1)",
                 field="negative_prompt")
         for key in ("width", "height"):
-            value = settings[key]
-            if not limits.min_size <= value <= limits.max_size:
-                raise RequestError(f"must be between {limits.min_size} and {limits.max_size}, got {value}", field=key)
-            if value % limits.pixel_multiple:
-                raise RequestError(f"must be a multiple of {limits.pixel_multiple}, got {value}", field=key)
+            if (problem := size_problem(settings[key], limits)) is not None:
+                raise RequestError(problem, field=key)
+        for post in self.stages.postprocessors:
+            post.check_size(settings["width"], settings["height"])
         return settings
 
     def _conditioners(self, request: GenerationRequest) -> dict[str, Conditioner]:
@@ -335,12 +475,35 @@ class Pipeline:
                 active[name] = self._on_demand[name]
         return active
 
-    def output_path(self, request: GenerationRequest) -> Path:
+    def output_path(self, request: GenerationRequest, seed: int) -> Path:
+        """Where this request's image goes, checked before any model work (see fluxframe.core.output)."""
         if request.output is not None:
-            return Path(request.output)
-        fmt = self.config.output.format
-        name = self.config.output.name.format(request_id=request.request_id)
-        return self.config.output_dir / f"{name}.{'jpg' if fmt == 'jpeg' else fmt}"
+            if not isinstance(request.output, (str, Path)) or not str(request.output):
+                raise RequestError(f"must be a file path, got {request.output!r}", field="output")
+            path = Path(request.output).expanduser().absolute()
+        else:
+            folder = self.config.output_dir
+            path = folder / template_name(self.config.output.name, request_id=request.request_id, seed=seed,
+                                          fmt=self.config.output.format)
+            if path.parent != folder:  # the template check makes this impossible; kept as the last word
+                raise OutputError(f"{path}: [output] name leads outside the output folder {folder}")
+        check_target(path, overwrite=request.overwrite, guard=self.stages.guard)
+        return path
+
+    def _read_inputs(self, request: GenerationRequest, conditioners: dict[str, Conditioner]) -> GenerationRequest:
+        """The request with every file it names read once into memory: the filters, the audit hashes and the
+        model all use these bytes, whatever happens to the files meanwhile (see fluxframe.core.inputs)."""
+        conditioning = {}
+        for name, inputs in request.conditioning.items():
+            keys = getattr(conditioners.get(name), "file_inputs", ())
+            if not isinstance(inputs, dict):
+                raise RequestError(f"must be a table of inputs, got {type(inputs).__name__}",
+                                   field=f"conditioning.{name}")
+            conditioning[name] = read_file_inputs(keys, inputs, f"conditioning.{name}")
+        embeds = request.prompt_embeds
+        if embeds is not None and not isinstance(embeds, InputFile):
+            embeds = read_input(embeds, "prompt_embeds")
+        return dataclasses.replace(request, conditioning=conditioning, prompt_embeds=embeds)
 
     def _input_images(self, request: GenerationRequest, conditioners) -> list[tuple[str, Any]]:
         images = []
@@ -350,15 +513,20 @@ class Pipeline:
         return images
 
     def _audit(self, request, settings, inputs, verdicts, action, reasons, output=None) -> dict | None:
+        text = {key: getattr(request, key) for key in ("prompt", "negative_prompt")}
+        embeds = request.prompt_embeds
         record = {
             "time": _now(),
             "event": "request",
             "request_id": request.request_id,
             "fluxframe": __version__,
-            "prompt_sha256": _sha256(request.prompt) if request.prompt is not None else None,
-            "negative_prompt_sha256": _sha256(request.negative_prompt) if request.negative_prompt else None,
+            "prompt_sha256": _sha256(text["prompt"]) if isinstance(text["prompt"], str) else None,
+            "negative_prompt_sha256": _sha256(text["negative_prompt"]) if isinstance(text["negative_prompt"], str)
+            and text["negative_prompt"] else None,
             "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in inputs],
-            "prompt_embeds_sha256": _file_hash(request.prompt_embeds),
+            "input_files": [{"role": role, "sha256": f.sha256, "bytes": len(f.data)}
+                            for role, f in _input_files(request)],
+            "prompt_embeds_sha256": embeds.sha256 if isinstance(embeds, InputFile) else None,
             "config_sha256": self.config_hash,
             "checkpoint": self.stages.model.checkpoint_id,
             "loras": [{k: r[k] for k in ("file", "sha256", "weight")} for r in self.stages.model.loras],
@@ -370,7 +538,7 @@ class Pipeline:
         }
         if self.stages.audit is None:
             return record
-        return self.stages.audit.append(record)
+        return self.stages.audit.append(_printable(record))
 
     def _block(self, request, settings, inputs, verdicts, decision) -> Blocked:
         record = self._audit(request, settings, inputs, verdicts, "block", decision.reasons)
@@ -380,7 +548,8 @@ class Pipeline:
                  write: bool = True) -> GenerationResult:
         import torch
 
-        from fluxframe.core.images import MEDIA_TYPES, format_for, to_pil, write_atomic
+        from fluxframe.core.images import MEDIA_TYPES, PIL_FORMATS, SAVE_OPTIONS, to_pil
+        from fluxframe.core.output import format_of, release
 
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -390,13 +559,19 @@ class Pipeline:
         verdicts: list[Any] = []
         record = None  # set once this request's audit line is written
         try:
+            check_request_id(request.request_id)
             settings = self._settings(request)
+            path = self.output_path(request, settings["seed"]) if write else None
+            if path is not None:
+                self.sweep(path.parent)
 
             t0 = time.perf_counter()
+            conditioners = self._conditioners(request)
+            request = self._read_inputs(request, conditioners)
             # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
             prompt, negative, text = request.prompt, request.negative_prompt, None
             if request.prompt_embeds is not None:  # read first: the filters check the text the embeddings were made of
-                text, prompt, negative = model.load_prompt_embeds(Path(request.prompt_embeds))
+                text, prompt, negative = model.load_prompt_embeds(request.prompt_embeds)
                 # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
                 request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
             prompts = {"prompt": prompt}
@@ -404,7 +579,6 @@ class Pipeline:
                 prompts["negative_prompt"] = negative
             decision = policy.check_prompts(prompts)
             verdicts += decision.verdicts
-            conditioners = self._conditioners(request)
             inputs = self._input_images(request, conditioners)
             if decision.allowed and inputs:
                 decision = policy.check_input_images(inputs)
@@ -474,19 +648,20 @@ class Pipeline:
             for post in stages.postprocessors:
                 image = post.process_image(image, context)
 
-            path = None
-            if write:
-                path = self.output_path(request)
-                fmt = format_for(path, self.config.output.format)
+            if path is not None:
+                fmt = format_of(path)
 
-                def finish(tmp: Path) -> None:
-                    nonlocal record
+                def make(tmp: Path) -> None:
+                    image.save(tmp, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
                     for post in stages.postprocessors:
                         post.process_file(tmp, MEDIA_TYPES[fmt], context)
-                    output = {"path": str(path.resolve()), "sha256": _sha256(tmp.read_bytes()), "format": fmt}
+
+                def audited(digest: str) -> None:  # called once the file is in place; a failure takes it back
+                    nonlocal record
+                    output = {"path": str(path), "sha256": digest, "format": fmt}
                     record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
 
-                write_atomic(image, path, fmt, finish)
+                release(make, path, overwrite=request.overwrite, record=audited)
             else:  # handed to the caller in memory: released all the same, so recorded all the same
                 record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
             timings["postprocessing"] = time.perf_counter() - t0
@@ -505,5 +680,8 @@ class Pipeline:
         except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was written
             if record is None:
                 reason = str(exc) if isinstance(exc, FluxframeError) else f"{type(exc).__name__}: {exc}"
-                self._audit(request, settings, inputs, verdicts, "error", [reason])
+                try:
+                    self._audit(request, settings, inputs, verdicts, "error", [reason])
+                except FluxframeError as audit_exc:  # the log itself failed: say so, and still raise the cause
+                    log.error("the audit line of this failed request could not be written: %s", audit_exc)
             raise

@@ -16,6 +16,9 @@ class GenerationRequest:
 
     prompt_embeds: a file written by `fluxframe encode`, used instead of ``prompt`` (the text encoder is not loaded).
     upsample_prompt: let the model's text encoder rewrite the prompt into a detailed one first (FLUX.2).
+    output: the file to write (its suffix names the format); default: the config's [output] folder and name.
+    overwrite: replace ``output`` if it exists (never a file the deployment itself reads or writes).
+    request_id: 1-128 letters, digits, "-" or "_"; it names the output file by default.
     """
 
     prompt: str | None = None
@@ -28,8 +31,9 @@ class GenerationRequest:
     output: Path | None = None
     # Per-request conditioner inputs, by conditioner name: {"reference": {"images": [...]}}.
     conditioning: dict[str, dict[str, Any]] = field(default_factory=dict)
-    prompt_embeds: Path | None = None
+    prompt_embeds: Path | None = None  # the runner reads it once into a fluxframe.core.inputs.InputFile
     upsample_prompt: bool = False
+    overwrite: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

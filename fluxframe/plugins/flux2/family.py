@@ -278,10 +278,10 @@ class Flux2(LoraSupport, ModelFamily):
             return encoder.upsample(prompt, UPSAMPLING_SYSTEM_MESSAGE, max_new_tokens=self.upsample_max_tokens,
                                     temperature=self.upsample_temperature, seed=seed)
 
-    def load_prompt_embeds(self, path: Path):
+    def load_prompt_embeds(self, source):
         from fluxframe.core import embeddings
 
-        tensors, meta = embeddings.load(path, prompt_encoder_identity(self.folder),
+        tensors, meta = embeddings.load(source, prompt_encoder_identity(self.folder),
                                         self.transformer.config.joint_attention_dim)
 
         def conditioning(t):
