@@ -41,7 +41,7 @@ def with_loras(config: Config | str | Path, loras: list[tuple[str | Path, float]
 
 
 def encode(config: Config | str | Path, prompt: str, output: str | Path, *, negative_prompt: str | None = None,
-           host: PluginHost | None = None) -> Path:
+           host: PluginHost | None = None, overwrite: bool = False) -> Path:
     """Run only the model's text encoder and write the prompt embeddings to ``output`` (safetensors, with the
     prompt and the encoder's identity in its metadata), for ``GenerationRequest(prompt_embeds=output)`` later.
     The prompt filters run again on the stored prompt when the file is used."""
@@ -51,9 +51,11 @@ def encode(config: Config | str | Path, prompt: str, output: str | Path, *, nega
         config = load_config(config)
     if not isinstance(prompt, str):
         raise RequestError(f"must be text, got {type(prompt).__name__}", field="prompt")
+    # the same rules as an image output: never a file the deployment uses, never an existing file unless asked
+    output = check_output(config, output, overwrite=overwrite, suffixes={".safetensors": "safetensors"})
     family = (host or _host_for(config)).get("model_family", config.model.family).factory
     family.check(config)
-    return family.encode_to_file(config, prompt, Path(output), negative_prompt)
+    return family.encode_to_file(config, prompt, output, negative_prompt)
 
 
 def check_config(config: Config | str | Path, *, host: PluginHost | None = None) -> list[str]:

@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--prompt", required=True)
     enc.add_argument("--negative-prompt", help="also encoded, for models with true guidance")
     enc.add_argument("--output", required=True, type=Path, help="the embeddings file (.safetensors)")
+    enc.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide") \
         .add_argument("--json", action="store_true")
@@ -161,7 +162,8 @@ def cmd_generate(args) -> int:
 def cmd_encode(args) -> int:
     from fluxframe import api
 
-    print(api.encode(args.config, args.prompt, args.output, negative_prompt=args.negative_prompt))
+    print(api.encode(args.config, args.prompt, args.output, negative_prompt=args.negative_prompt,
+                     overwrite=args.overwrite))
     return 0
 
 

@@ -458,3 +458,20 @@ def test_a_prompt_with_lone_surrogates_through_the_api_is_refused_and_audited(tm
     assert info.value.field == "prompt"
     assert lines(tmp_path / "audit.jsonl")[-1]["action"] == "error"
     assert verify_log(tmp_path / "audit.jsonl").ok
+
+
+def test_encode_output_follows_the_same_rules(deployment, capsys):
+    """Found beside class 2: `fluxframe encode --output` could replace the audit log or any file."""
+    assert generate(deployment) == 0
+    log = deployment / "logs" / "audit.jsonl"
+    before = log.read_bytes()
+    base = ["encode", "--config", str(deployment / "deploy.toml"), "--prompt", "a cat", "--output"]
+    assert main([*base, str(log)]) == 1 and "refused as an output" in capsys.readouterr().err
+    assert main([*base, str(deployment / "e.npy")]) == 1 and "'.npy'" in capsys.readouterr().err
+    out = deployment / "e.safetensors"
+    assert main([*base, str(out)]) == 0
+    first = out.read_bytes()
+    assert main([*base, str(out)]) == 1 and "exists" in capsys.readouterr().err
+    out.write_bytes(b"stale")
+    assert main([*base, str(out), "--overwrite"]) == 0 and len(out.read_bytes()) == len(first)
+    assert log.read_bytes() == before

@@ -85,11 +85,13 @@ def template_name(template: str, *, request_id: str, seed: int, fmt: str, now: d
     return f"{name}.{EXTENSIONS[fmt]}"
 
 
-def format_of(path: Path) -> str:
-    """The format an output path's suffix names; a RequestError for any other suffix."""
-    fmt = SUFFIXES.get(path.suffix.lower())
+def format_of(path: Path, suffixes: dict[str, str] | None = None) -> str:
+    """The format an output path's suffix names (among ``suffixes``, default the image formats); a RequestError
+    for any other suffix."""
+    suffixes = SUFFIXES if suffixes is None else suffixes
+    fmt = suffixes.get(path.suffix.lower())
     if fmt is None:
-        raise RequestError(f"{path}: fluxframe writes .png, .jpg/.jpeg and .webp files; the suffix "
+        raise RequestError(f"{path}: fluxframe writes {', '.join(sorted(suffixes))} files here; the suffix "
                            f"{path.suffix or '(none)'!r} names none of them", field="output")
     return fmt
 
@@ -168,11 +170,11 @@ def temporaries(folder: Path) -> Path:
     return root
 
 
-def check_target(path: Path, *, overwrite: bool, guard: OutputGuard) -> None:
+def check_target(path: Path, *, overwrite: bool, guard: OutputGuard, suffixes: dict[str, str] | None = None) -> None:
     """Refuse, before any model work, an output path that cannot or may not be written."""
     if (why := guard.problem(path)) is not None:
         raise OutputError(f"{path}: refused as an output: it {why}")
-    format_of(path)
+    format_of(path, suffixes)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name")
     if (path.exists() or path.is_symlink()) and not overwrite:

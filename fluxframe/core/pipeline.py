@@ -114,10 +114,12 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     return warnings
 
 
-def check_output(config: Config, path: str | Path, *, overwrite: bool = False) -> Path:
-    """The checks an output path gets, made before any weight loads (the CLI calls this first)."""
+def check_output(config: Config, path: str | Path, *, overwrite: bool = False,
+                 suffixes: dict[str, str] | None = None) -> Path:
+    """The checks an output path gets, made before any weight loads (the CLI calls this first); ``suffixes``:
+    the formats the file may have (default: the image formats)."""
     path = Path(path).expanduser().absolute()
-    check_target(path, overwrite=overwrite, guard=build_guard(config))
+    check_target(path, overwrite=overwrite, guard=build_guard(config), suffixes=suffixes)
     return path
 
 
