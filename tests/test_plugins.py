@@ -151,3 +151,33 @@ def test_every_hook_is_documented_in_the_readme():
     assert len(hooks) == 6
     for name in hooks:
         assert f"`{name}(register)`" in readme, f"hook {name} is not documented in README.md"
+
+
+def test_trace_plugins_prints_every_hook_call_through_pluggy(host, monkeypatch, capsys):
+    """FLUXFRAME_TRACE_PLUGINS=1: each collector hook is called through pluggy, once per plugin, and the trace names
+    the plugin each `register` belongs to."""
+    monkeypatch.setenv("FLUXFRAME_TRACE_PLUGINS", "1")
+    from fluxframe.core.plugins import KINDS, PluginHost
+
+    traced = PluginHost()
+    traced.registry
+    err = capsys.readouterr().err
+    for kind, hook in KINDS.items():
+        assert f"  {hook} [hook]" in err and f"finish {hook}" in err
+    assert "<register model_family for plugin 'flux2'>" in err
+    assert "<register filter for plugin 'safety'>" in err
+    calls = err.count("register_model_families [hook]")
+    assert calls == len(traced.pm.hook.register_model_families.get_hookimpls())
+
+
+def test_trace_plugins_from_the_command_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("fluxframe")
+    proc = subprocess.run([str(exe), "plugins"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FLUXFRAME_TRACE_PLUGINS": "1"})
+    assert proc.returncode == 0 and "register_conditioners [hook]" in proc.stderr
+    assert "<register conditioner for plugin" in proc.stderr

@@ -58,6 +58,28 @@ class PluginInfo:
     provides: list[str] = field(default_factory=list)
 
 
+class _Register:
+    """The ``register`` callback one plugin gets in one collector hook; it stamps what it registers with the
+    plugin's name (and says whose it is in ``FLUXFRAME_TRACE_PLUGINS`` output)."""
+
+    def __init__(self, host: PluginHost, registry: dict[str, dict[str, Registration]], kind: str, plugin: str):
+        self.host, self.registry, self.kind, self.plugin = host, registry, kind, plugin
+
+    def __call__(self, name: str, factory: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {self.plugin!r} registered a {self.kind} without a name", plugin=self.plugin)
+        existing = self.registry[self.kind].get(name)
+        if existing is not None:
+            raise PluginError(f"{self.kind} {name!r} is registered by both {existing.plugin!r} and {self.plugin!r}; "
+                              "block one of them in [plugins] block = [...]", plugin=self.plugin)
+        self.registry[self.kind][name] = Registration(self.kind, name, factory, self.plugin)
+        if self.plugin in self.host.info:
+            self.host.info[self.plugin].provides.append(f"{self.kind}:{name}")
+
+    def __repr__(self) -> str:
+        return f"<register {self.kind} for plugin {self.plugin!r}>"
+
+
 class PluginHost:
     """A pluggy manager plus the registry of everything the plugins registered."""
 
@@ -138,22 +160,12 @@ class PluginHost:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 plugin_name = impl.plugin_name
 
-                def register(name: str, factory: Any, *, _kind=kind, _plugin=plugin_name) -> None:
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name", plugin=_plugin)
-                    existing = registry[_kind].get(name)
-                    if existing is not None:
-                        raise PluginError(
-                            f"{_kind} {name!r} is registered by both {existing.plugin!r} and {_plugin!r}; "
-                            "block one of them in [plugins] block = [...]",
-                            plugin=_plugin,
-                        )
-                    registry[_kind][name] = Registration(_kind, name, factory, _plugin)
-                    if _plugin in self.info:
-                        self.info[_plugin].provides.append(f"{_kind}:{name}")
-
+                register = _Register(self, registry, kind, plugin_name)
+                # Through pluggy, one plugin at a time: tracing and pluggy's call checks see every call, and the
+                # register callback knows which plugin it stamps.
+                others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
                 try:
-                    impl.function(register=register)
+                    self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
                 except PluginError:
                     raise
                 except Exception as exc:
