@@ -211,7 +211,7 @@ def deployment(tmp_path):
     """A config file on disk with an audit log, a LoRA-less tiny model, fake C2PA files and a filter list."""
     (tmp_path / "names.txt").write_text("Mickey Mouse\n")
     (tmp_path / "key.pem").write_text("not a real key\n")
-    text = textwrap.dedent(f"""
+    text = textwrap.dedent("""
         [model]
         preset = "tiny"
         dtype = "float32"

@@ -11,7 +11,6 @@ Every failure is a ``CheckpointError`` naming the file and, where known, the key
 from __future__ import annotations
 
 import hashlib
-
 import json
 import os
 import re

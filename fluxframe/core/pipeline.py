@@ -19,7 +19,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,8 @@ def build_guard(config: Config) -> OutputGuard:
 
         log_file = config.resolve(config.safety.audit_log)
         paths += [log_file, head_path(log_file)]
-    if config.provenance is not None and config.provenance.c2pa is not None:
-        paths += [config.resolve(config.provenance.c2pa.certificate), config.resolve(config.provenance.c2pa.private_key)]
+    if config.provenance is not None and (c2pa := config.provenance.c2pa) is not None:
+        paths += [config.resolve(c2pa.certificate), config.resolve(c2pa.private_key)]
     for path in paths + _option_paths(config):
         guard.add(path)
     return guard
@@ -415,18 +416,188 @@ class Pipeline:
 
     # -- the run ------------------------------------------------------------------------------
 
-    def _settings(self, request: GenerationRequest) -> dict[str, Any]:
+    def generate(self, request: GenerationRequest, *, progress: Callable[[StepInfo], None] | None = None,
+                 write: bool = True) -> GenerationResult:
+        """One request through the stages, in DESIGN's order. A block at any filter writes no image and records
+        why; any other failure after start-up is recorded as an error; nothing unfinished is ever released."""
+        import torch
+
+        run = Run(request, write=write)
+        try:
+            with run.timed("total"):
+                self.validate(run)
+                with run.timed("input_filters"):
+                    self.read_inputs(run)
+                    self.filter_inputs(run)
+                with run.timed("prompt_upsampling", when=request.upsample_prompt):
+                    self.upsample_prompt(run)
+                with torch.inference_mode():
+                    with run.timed("text_encoding"):
+                        self.encode_text(run)
+                    self.condition(run)
+                    with run.timed("denoising"):
+                        self.denoise(run, progress)
+                    with run.timed("decoding"):
+                        self.decode(run)
+                with run.timed("output_filters"):
+                    self.filter_output(run)
+                with run.timed("postprocessing"):
+                    self.postprocess(run)
+                    self.release(run)
+            return run.result(self.stages.model.name)
+        except Blocked:  # already audited, with the verdicts
+            raise
+        except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was released
+            self._audit_failure(run, exc)
+            raise
+
+    # -- the stages, each reading and writing the run's state ---------------------------------------
+
+    def validate(self, run: Run) -> None:
+        """The request's settings and output location, checked before any model work."""
+        request = run.request
+        check_request_id(request.request_id)
+        run.settings = self._settings(request)
+        if run.write:
+            run.path = self.output_path(request, run.settings.seed)
+            self.sweep(run.path.parent)
+        run.conditioners = self._conditioners(request)
+
+    def read_inputs(self, run: Run) -> None:
+        """Every file the request names, read once: the filters, the audit hashes and the model use these bytes,
+        whatever happens to the files meanwhile (see fluxframe.core.inputs)."""
+        request = run.request
+        conditioning = {}
+        for name, inputs in request.conditioning.items():
+            if not isinstance(inputs, dict):
+                raise RequestError(f"must be a table of inputs, got {type(inputs).__name__}",
+                                   field=f"conditioning.{name}")
+            keys = getattr(run.conditioners.get(name), "file_inputs", ())
+            conditioning[name] = read_file_inputs(keys, inputs, f"conditioning.{name}")
+        embeds = request.prompt_embeds
+        if embeds is not None and not isinstance(embeds, InputFile):
+            embeds = read_input(embeds, "prompt_embeds")
+        run.request = dataclasses.replace(request, conditioning=conditioning, prompt_embeds=embeds)
+        if embeds is not None:  # read first: the filters check the text the embeddings were made of
+            run.text, prompt, negative = self.stages.model.load_prompt_embeds(embeds)
+            # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
+            run.request = dataclasses.replace(run.request, prompt=prompt, negative_prompt=negative)
+
+    def filter_inputs(self, run: Run) -> None:
+        """The prompt filters, then the input image filters on exactly the images the model will see."""
+        request = run.request
+        # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
+        prompts = {"prompt": request.prompt}
+        if request.negative_prompt is not None:
+            prompts["negative_prompt"] = request.negative_prompt
+        decision = self.stages.policy.check_prompts(prompts)
+        for name, conditioner in run.conditioners.items():  # before a prompt block, so its line hashes them too
+            for i, image in enumerate(conditioner.input_images(request.conditioning.get(name, {}))):
+                run.inputs.append((f"{name}[{i}]", image))
+        self._check(run, decision)
+        if run.inputs:
+            self._check(run, self.stages.policy.check_input_images(run.inputs))
+
+    def upsample_prompt(self, run: Run) -> None:
+        """The model's rewrite of the prompt, when asked: a new prompt, so it passes the prompt filters too."""
+        if run.request.upsample_prompt:
+            run.upsampled = self.stages.model.upsample_prompt(run.request.prompt, run.settings.seed)
+            self._check(run, self.stages.policy.check_prompts({"upsampled_prompt": run.upsampled}))
+
+    def encode_text(self, run: Run) -> None:
+        model, request, settings = self.stages.model, run.request, run.settings
+        cfg = model.true_cfg(settings.guidance)
+        if run.text is None:
+            run.text = model.encode_prompts([run.upsampled if run.upsampled is not None else request.prompt])
+            if cfg:  # like diffusers' Flux2KleinPipeline: an empty negative prompt unless one is given
+                run.text.negative = model.encode_prompts([request.negative_prompt or ""])
+        elif cfg and run.text.negative is None:
+            raise RequestError(f"{request.prompt_embeds.name}: has no negative_prompt_embeds, which true guidance "
+                               f"at {settings.guidance} needs (encode with this config)", field="prompt_embeds")
+        elif not cfg and run.text.negative is not None:
+            log.warning("%s: negative_prompt_embeds unused: no true guidance at guidance %s",
+                        request.prompt_embeds.name, settings.guidance)
+            run.text.negative = None
+
+    def condition(self, run: Run) -> None:
+        """Each conditioner adds to the conditioning; they see this run's size, seed and steps."""
+        resolved = dataclasses.replace(run.request, **dataclasses.asdict(run.settings))
+        for name, conditioner in run.conditioners.items():
+            conditioner.prepare(self.stages.model, resolved, run.request.conditioning.get(name, {}), run.conditioning)
+
+    def denoise(self, run: Run, progress: Callable[[StepInfo], None] | None) -> None:
+        model, settings, conditioning = self.stages.model, run.settings, run.conditioning
+        latents = model.initial_noise(settings.seed, settings.width, settings.height)
+        sigmas = model.sigmas(settings.steps, latents.tokens.shape[1])
+
+        def velocity(x, sigma, step):
+            for hook in conditioning.step_hooks:
+                hook(step, settings.steps, conditioning)
+            return model.predict(x, latents.ids, sigma, run.text, conditioning, settings.guidance)
+
+        latents.tokens = self.stages.sampler.sample(latents.tokens, sigmas, velocity, progress)
+        run.latents = latents
+
+    def decode(self, run: Run) -> None:
+        from fluxframe.core.images import to_pil
+
+        run.image = to_pil(self.stages.model.decode(run.latents))[0]
+
+    def filter_output(self, run: Run) -> None:
+        run.decision = self._check(run, self.stages.policy.check_output(run.image))
+        if run.decision.action == "blur":
+            run.image = run.decision.image
+
+    def postprocess(self, run: Run) -> None:
+        """The postprocessors' pixel steps (the watermark), in their fixed order."""
+        run.context = OutputContext(request=run.request, model=self.stages.model.describe(), config=self.config,
+                                    verdicts=run.verdicts)
+        for post in self.stages.postprocessors:
+            run.image = post.process_image(run.image, run.context)
+
+    def release(self, run: Run) -> None:
+        """Encode, let the postprocessors finish the file (sign it), put it in place, then write its audit line
+        (see fluxframe.core.output.release). Without a path the image goes to the caller, recorded all the same."""
+        if run.path is None:
+            run.record = self._audit(run, run.decision.action, run.decision.reasons)
+            return
+        from fluxframe.core.images import MEDIA_TYPES, PIL_FORMATS, SAVE_OPTIONS
+        from fluxframe.core.output import format_of, release
+
+        fmt = format_of(run.path)
+
+        def make(tmp: Path) -> None:
+            run.image.save(tmp, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
+            for post in self.stages.postprocessors:
+                post.process_file(tmp, MEDIA_TYPES[fmt], run.context)
+
+        def audited(digest: str) -> None:  # called once the file is in place; a failure takes it back
+            output = {"path": str(run.path), "sha256": digest, "format": fmt}
+            run.record = self._audit(run, run.decision.action, run.decision.reasons, output)
+
+        release(make, run.path, overwrite=run.request.overwrite, record=audited)
+
+    # -- what the stages share ----------------------------------------------------------------------
+
+    def _check(self, run: Run, decision: Any) -> Any:
+        """Keep a filter decision's verdicts; a block is audited and raised."""
+        run.verdicts += decision.verdicts
+        if not decision.allowed:
+            record = self._audit(run, "block", decision.reasons)
+            raise Blocked("request blocked: " + "; ".join(decision.reasons), decision=decision, audit=record)
+        return decision
+
+    def _settings(self, request: GenerationRequest) -> Settings:
         s = self.config.sampler
-        limits = self.stages.model.limits
+        model = self.stages.model
         seed = request.seed if request.seed is not None else s.seed
-        settings = {
-            "seed": seed if seed is not None else secrets.randbelow(2**32),
-            "steps": next(v for v in (request.steps, s.steps, self.stages.model.default_steps) if v is not None),
-            "guidance": next(v for v in (request.guidance, s.guidance, self.stages.model.default_guidance)
-                             if v is not None),
-            "width": request.width if request.width is not None else s.width,
-            "height": request.height if request.height is not None else s.height,
-        }
+        settings = Settings(
+            seed=seed if seed is not None else secrets.randbelow(2**32),
+            steps=next(v for v in (request.steps, s.steps, model.default_steps) if v is not None),
+            guidance=next(v for v in (request.guidance, s.guidance, model.default_guidance) if v is not None),
+            width=request.width if request.width is not None else s.width,
+            height=request.height if request.height is not None else s.height,
+        )
         if request.prompt_embeds is not None:
             if request.prompt is not None:
                 raise RequestError("give either a prompt or a prompt embeddings file, not both", field="prompt")
@@ -447,22 +618,22 @@ class Pipeline:
             except UnicodeEncodeError as exc:
                 raise RequestError(f"is not valid UTF-8 text (undecodable byte at character {exc.start})",
                                    field=key) from None
-        if not 0 <= settings["seed"] < 2**63:
-            raise RequestError(f"must be between 0 and 2**63 - 1, got {settings['seed']}", field="seed")
-        if not 1 <= settings["steps"] <= 1000:
-            raise RequestError(f"must be between 1 and 1000, got {settings['steps']}", field="steps")
-        if not 0 <= settings["guidance"] <= 100:
-            raise RequestError(f"must be between 0 and 100, got {settings['guidance']}", field="guidance")
-        if request.negative_prompt and not self.stages.model.true_cfg(settings["guidance"]):
+        if not 0 <= settings.seed < 2**63:
+            raise RequestError(f"must be between 0 and 2**63 - 1, got {settings.seed}", field="seed")
+        if not 1 <= settings.steps <= 1000:
+            raise RequestError(f"must be between 1 and 1000, got {settings.steps}", field="steps")
+        if not 0 <= settings.guidance <= 100:
+            raise RequestError(f"must be between 0 and 100, got {settings.guidance}", field="guidance")
+        if request.negative_prompt and not model.true_cfg(settings.guidance):
             raise RequestError(
-                f"this {self.stages.model.name} checkpoint does not run true classifier-free guidance at guidance "
-                f"{settings['guidance']} (guidance-distilled models have none; base models need guidance > 1)",
+                f"this {model.name} checkpoint does not run true classifier-free guidance at guidance "
+                f"{settings.guidance} (guidance-distilled models have none; base models need guidance > 1)",
                 field="negative_prompt")
         for key in ("width", "height"):
-            if (problem := size_problem(settings[key], limits)) is not None:
+            if (problem := size_problem(getattr(settings, key), model.limits)) is not None:
                 raise RequestError(problem, field=key)
         for post in self.stages.postprocessors:
-            post.check_size(settings["width"], settings["height"])
+            post.check_size(settings.width, settings.height)
         return settings
 
     def _conditioners(self, request: GenerationRequest) -> dict[str, Conditioner]:
@@ -492,29 +663,8 @@ class Pipeline:
         check_target(path, overwrite=request.overwrite, guard=self.stages.guard)
         return path
 
-    def _read_inputs(self, request: GenerationRequest, conditioners: dict[str, Conditioner]) -> GenerationRequest:
-        """The request with every file it names read once into memory: the filters, the audit hashes and the
-        model all use these bytes, whatever happens to the files meanwhile (see fluxframe.core.inputs)."""
-        conditioning = {}
-        for name, inputs in request.conditioning.items():
-            keys = getattr(conditioners.get(name), "file_inputs", ())
-            if not isinstance(inputs, dict):
-                raise RequestError(f"must be a table of inputs, got {type(inputs).__name__}",
-                                   field=f"conditioning.{name}")
-            conditioning[name] = read_file_inputs(keys, inputs, f"conditioning.{name}")
-        embeds = request.prompt_embeds
-        if embeds is not None and not isinstance(embeds, InputFile):
-            embeds = read_input(embeds, "prompt_embeds")
-        return dataclasses.replace(request, conditioning=conditioning, prompt_embeds=embeds)
-
-    def _input_images(self, request: GenerationRequest, conditioners) -> list[tuple[str, Any]]:
-        images = []
-        for name, conditioner in conditioners.items():
-            for i, image in enumerate(conditioner.input_images(request.conditioning.get(name, {}))):
-                images.append((f"{name}[{i}]", image))
-        return images
-
-    def _audit(self, request, settings, inputs, verdicts, action, reasons, output=None) -> dict | None:
+    def _audit(self, run: Run, action: str, reasons: list[str], output: dict | None = None) -> dict | None:
+        request = run.request
         text = {key: getattr(request, key) for key in ("prompt", "negative_prompt")}
         embeds = request.prompt_embeds
         record = {
@@ -525,15 +675,15 @@ class Pipeline:
             "prompt_sha256": _sha256(text["prompt"]) if isinstance(text["prompt"], str) else None,
             "negative_prompt_sha256": _sha256(text["negative_prompt"]) if isinstance(text["negative_prompt"], str)
             and text["negative_prompt"] else None,
-            "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in inputs],
+            "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in run.inputs],
             "input_files": [{"role": role, "sha256": f.sha256, "bytes": len(f.data)}
                             for role, f in _input_files(request)],
             "prompt_embeds_sha256": embeds.sha256 if isinstance(embeds, InputFile) else None,
             "config_sha256": self.config_hash,
             "checkpoint": self.stages.model.checkpoint_id,
             "loras": [{k: r[k] for k in ("file", "sha256", "weight")} for r in self.stages.model.loras],
-            "settings": settings,
-            "verdicts": [dataclasses.asdict(v) for v in verdicts],
+            "settings": dataclasses.asdict(run.settings) if run.settings is not None else None,
+            "verdicts": [dataclasses.asdict(v) for v in run.verdicts],
             "action": action,
             "reasons": reasons,
             "output": output,
@@ -542,148 +692,61 @@ class Pipeline:
             return record
         return self.stages.audit.append(_printable(record))
 
-    def _block(self, request, settings, inputs, verdicts, decision) -> Blocked:
-        record = self._audit(request, settings, inputs, verdicts, "block", decision.reasons)
-        return Blocked("request blocked: " + "; ".join(decision.reasons), decision=decision, audit=record)
-
-    def generate(self, request: GenerationRequest, *, progress: Callable[[StepInfo], None] | None = None,
-                 write: bool = True) -> GenerationResult:
-        import torch
-
-        from fluxframe.core.images import MEDIA_TYPES, PIL_FORMATS, SAVE_OPTIONS, to_pil
-        from fluxframe.core.output import format_of, release
-
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        model, stages, policy = self.stages.model, self.stages, self.stages.policy
-        settings: dict[str, Any] | None = None
-        inputs: list[tuple[str, Any]] = []
-        verdicts: list[Any] = []
-        record = None  # set once this request's audit line is written
+    def _audit_failure(self, run: Run, exc: Exception) -> None:
+        if run.record is not None:
+            return
+        reason = str(exc) if isinstance(exc, FluxframeError) else f"{type(exc).__name__}: {exc}"
         try:
-            check_request_id(request.request_id)
-            settings = self._settings(request)
-            path = self.output_path(request, settings["seed"]) if write else None
-            if path is not None:
-                self.sweep(path.parent)
+            self._audit(run, "error", [reason])
+        except FluxframeError as audit_exc:  # the log itself failed: say so, and still raise the cause
+            log.error("the audit line of this failed request could not be written: %s", audit_exc)
 
-            t0 = time.perf_counter()
-            conditioners = self._conditioners(request)
-            request = self._read_inputs(request, conditioners)
-            # A key missing = that prompt is not used; a key set to None = embeddings given without their text.
-            prompt, negative, text = request.prompt, request.negative_prompt, None
-            if request.prompt_embeds is not None:  # read first: the filters check the text the embeddings were made of
-                text, prompt, negative = model.load_prompt_embeds(request.prompt_embeds)
-                # the audit record and the C2PA manifest hash the stored text, as for a prompt given as text
-                request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
-            prompts = {"prompt": prompt}
-            if negative is not None:
-                prompts["negative_prompt"] = negative
-            decision = policy.check_prompts(prompts)
-            verdicts += decision.verdicts
-            inputs = self._input_images(request, conditioners)
-            if decision.allowed and inputs:
-                decision = policy.check_input_images(inputs)
-                verdicts += decision.verdicts
-            timings["input_filters"] = time.perf_counter() - t0
-            if not decision.allowed:
-                raise self._block(request, settings, inputs, verdicts, decision)
 
-            upsampled = None
-            if request.upsample_prompt:  # the rewrite is a new prompt: it passes the prompt filters too
-                t0 = time.perf_counter()
-                upsampled = model.upsample_prompt(prompt, settings["seed"])
-                timings["prompt_upsampling"] = time.perf_counter() - t0
-                decision = policy.check_prompts({"upsampled_prompt": upsampled})
-                verdicts += decision.verdicts
-                if not decision.allowed:
-                    raise self._block(request, settings, inputs, verdicts, decision)
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one run: the request's, else the config's [sampler], else the model's."""
 
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                cfg = model.true_cfg(settings["guidance"])
-                if text is None:
-                    text = model.encode_prompts([upsampled if upsampled is not None else prompt])
-                    if cfg:  # like diffusers' Flux2KleinPipeline: an empty negative prompt unless one is given
-                        text.negative = model.encode_prompts([negative or ""])
-                elif cfg and text.negative is None:
-                    raise RequestError(f"{request.prompt_embeds}: has no negative_prompt_embeds, which true guidance at "
-                                       f"{settings['guidance']} needs (encode with this config)", field="prompt_embeds")
-                elif not cfg and text.negative is not None:
-                    log.warning("%s: negative_prompt_embeds unused: no true guidance at guidance %s",
-                                request.prompt_embeds, settings["guidance"])
-                    text.negative = None
-                timings["text_encoding"] = time.perf_counter() - t0
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
 
-                conditioning = Conditioning()
-                resolved = dataclasses.replace(request, **settings)  # conditioners see this run's size, seed, steps
-                for name, conditioner in conditioners.items():
-                    conditioner.prepare(model, resolved, request.conditioning.get(name, {}), conditioning)
 
-                latents = model.initial_noise(settings["seed"], settings["width"], settings["height"])
-                sigmas = model.sigmas(settings["steps"], latents.tokens.shape[1])
+@dataclass
+class Run:
+    """The state of one request as it walks the stages."""
 
-                def velocity(x, sigma, step):
-                    for hook in conditioning.step_hooks:
-                        hook(step, settings["steps"], conditioning)
-                    return model.predict(x, latents.ids, sigma, text, conditioning, settings["guidance"])
+    request: GenerationRequest
+    write: bool = True
+    settings: Settings | None = None
+    path: Path | None = None
+    conditioners: dict[str, Conditioner] = field(default_factory=dict)
+    inputs: list[tuple[str, Any]] = field(default_factory=list)  # (role, image) as the model sees it
+    verdicts: list[Any] = field(default_factory=list)
+    upsampled: str | None = None
+    text: Any = None  # TextConditioning
+    conditioning: Conditioning = field(default_factory=Conditioning)
+    latents: Any = None
+    image: Any = None
+    decision: Any = None  # the output filters' Decision
+    context: OutputContext | None = None
+    record: dict | None = None  # set once this request's audit line is written
+    timings: dict[str, float] = field(default_factory=dict)
 
-                t0 = time.perf_counter()
-                latents.tokens = stages.sampler.sample(latents.tokens, sigmas, velocity, progress)
-                timings["denoising"] = time.perf_counter() - t0
+    @contextmanager
+    def timed(self, stage: str, *, when: bool = True) -> Iterator[None]:
+        """Time a stage into ``timings[stage]`` (not recorded when ``when`` is false: a stage that did not run)."""
+        started = time.perf_counter()
+        yield
+        if when:
+            self.timings[stage] = time.perf_counter() - started
 
-                t0 = time.perf_counter()
-                image = to_pil(model.decode(latents))[0]
-                timings["decoding"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            decision = policy.check_output(image)
-            verdicts += decision.verdicts
-            timings["output_filters"] = time.perf_counter() - t0
-            if not decision.allowed:
-                raise self._block(request, settings, inputs, verdicts, decision)
-            if decision.action == "blur":
-                image = decision.image
-
-            context = OutputContext(request=request, model=model.describe(), config=self.config, verdicts=verdicts)
-            t0 = time.perf_counter()
-            for post in stages.postprocessors:
-                image = post.process_image(image, context)
-
-            if path is not None:
-                fmt = format_of(path)
-
-                def make(tmp: Path) -> None:
-                    image.save(tmp, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
-                    for post in stages.postprocessors:
-                        post.process_file(tmp, MEDIA_TYPES[fmt], context)
-
-                def audited(digest: str) -> None:  # called once the file is in place; a failure takes it back
-                    nonlocal record
-                    output = {"path": str(path), "sha256": digest, "format": fmt}
-                    record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons, output)
-
-                release(make, path, overwrite=request.overwrite, record=audited)
-            else:  # handed to the caller in memory: released all the same, so recorded all the same
-                record = self._audit(request, settings, inputs, verdicts, decision.action, decision.reasons)
-            timings["postprocessing"] = time.perf_counter() - t0
-            timings["total"] = time.perf_counter() - started
-
-            return GenerationResult(
-                request_id=request.request_id, image=image, path=path, prompt=prompt, upsampled_prompt=upsampled,
-                model_family=model.name, timings=timings, latents=latents.tokens, verdicts=verdicts,
-                notes=[_note(name, rec) for name, rec in context.records.items()]
-                + [note for rec in conditioning.info.values() if isinstance(rec, dict)
-                   for note in rec.get("notes", [])],
-                audit=record, **settings,
-            )
-        except Blocked:  # already audited, with the verdicts
-            raise
-        except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was written
-            if record is None:
-                reason = str(exc) if isinstance(exc, FluxframeError) else f"{type(exc).__name__}: {exc}"
-                try:
-                    self._audit(request, settings, inputs, verdicts, "error", [reason])
-                except FluxframeError as audit_exc:  # the log itself failed: say so, and still raise the cause
-                    log.error("the audit line of this failed request could not be written: %s", audit_exc)
-            raise
+    def result(self, family: str) -> GenerationResult:
+        notes = [_note(name, record) for name, record in self.context.records.items()]
+        notes += [note for record in self.conditioning.info.values() if isinstance(record, dict)
+                  for note in record.get("notes", [])]
+        return GenerationResult(
+            request_id=self.request.request_id, image=self.image, path=self.path, prompt=self.request.prompt,
+            upsampled_prompt=self.upsampled, model_family=family, timings=self.timings, latents=self.latents.tokens,
+            verdicts=self.verdicts, notes=notes, audit=self.record, **dataclasses.asdict(self.settings))
