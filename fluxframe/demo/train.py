@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
-from .cli import DEFAULT_MINUTES
+from .options import DEFAULT_MINUTES, add_arguments
 
 MAX_TEXT_TOKENS = 512  # what the klein prompt encoder pads to
 
@@ -770,8 +770,6 @@ def train(out: Path, *, seed: int = 0, work: Path | None = None, config: TrainCo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import add_arguments
-
     parser = argparse.ArgumentParser(prog="python -m fluxframe.demo.train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
