@@ -1,7 +1,8 @@
 """Model weights from safetensors checkpoints, read tensor by tensor, into modules built on the meta device.
 
 ``resolve_weight_files`` turns a diffusers component folder (sharded with an index, or not) or one file
-into the safetensors files to read; ``SafetensorsCheckpoint`` is a lazy view of their tensors;
+into the safetensors files to read (``check_weight_files`` also refuses a truncated one, from its header
+alone); ``SafetensorsCheckpoint`` is a lazy view of their tensors;
 ``load_into`` fills a module from it tensor by tensor, after checking names and shapes from the headers
 alone; ``save_sharded`` writes the diffusers layout. Pickled checkpoints are refused outright.
 
@@ -97,6 +98,20 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
     for p in entries:
         _refuse_pickle(p)  # a folder of pickles gets the conversion hint, not just "nothing found"
     raise CheckpointError("no .safetensors weights", file=str(path))
+
+
+def check_weight_files(path: str | Path) -> list[Path]:
+    """``resolve_weight_files(path)``, each file's header read and every tensor's data checked to lie within
+    the file: a truncated file (or shard of an index) is refused, naming it, without reading any tensor data.
+    Reads only the headers, so it is cheap enough for every ``config check`` and start-up."""
+    files = resolve_weight_files(path)
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                _read_header(fh, file)
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e}", file=str(file)) from e
+    return files
 
 
 def _read_header(fh: Any, file: Path) -> tuple[dict[str, Any], int]:

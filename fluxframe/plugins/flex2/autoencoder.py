@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from fluxframe.errors import CheckpointError
 from fluxframe.plugins.flux2.autoencoder import AutoencoderConfig, _Coder
+from fluxframe.plugins.flux2.bounds import short
 
 SCALE, SHIFT = 0.3611, 0.1159  # Flux.1's latent normalisation
 
@@ -30,7 +31,7 @@ class Flux1AutoencoderConfig:
             if value is None:
                 value = 0.0 if key == "shift_factor" else 1.0
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise CheckpointError(f"expected a number, got {value!r}", file=source, key=key)
+                raise CheckpointError(f"expected a number, got {short(value)}", file=source, key=key)
             factors[key] = float(value)
         rest = {k: v for k, v in d.items() if k not in ("scaling_factor", "shift_factor")}
         rest.setdefault("use_quant_conv", True)

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, resolve_weight_files
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
+from fluxframe.plugins.flux2.bounds import text_encoder_config
 from fluxframe.plugins.flux2.family import DTYPES, _read_json, resolve_device
 from fluxframe.plugins.lora import LoraSupport
 
@@ -94,27 +95,52 @@ def _layout(ckpt: SafetensorsCheckpoint) -> str | None:
                           "(no x_embedder.weight, no img_in.weight)", file=str(ckpt.path))
 
 
+def transformer_config(source: Path, ckpt: SafetensorsCheckpoint) -> tuple[Flux1Config, str | None]:
+    """(config, single-file key prefix or None) of an opened transformer checkpoint, from its config.json or
+    its header, whichever layout the keys say it is; within sane bounds and of a width the family runs."""
+    prefix = _layout(ckpt)
+    if prefix is None:
+        folder = source if source.is_dir() else source.parent
+        config = Flux1Config.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    else:
+        config = keymap.config_from_shapes(ckpt, prefix, source=str(source))
+    if config.in_channels not in (64, FLEX2_CHANNELS):
+        raise CheckpointError(f"the transformer takes {config.in_channels} input channels; the flex2 family "
+                              f"runs 196 (Flex.2) or 64 (Flux.1)", file=str(source), key="in_channels")
+    return config, prefix
+
+
 def load_transformer(source: Path, dtype, device, memory: MemoryStrategy | None = None) -> Flux1Transformer:
     """From a diffusers transformer/ folder or a single file, whichever the keys say it is; ``memory``'s
     while_loading hook (quantize) runs as it loads."""
     with SafetensorsCheckpoint.open(source) as ckpt:
-        prefix = _layout(ckpt)
-        if prefix is None:
-            folder = source if source.is_dir() else source.parent
-            config = Flux1Config.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
-            key_map = keymap.from_diffusers(config)
-        else:
-            config = keymap.config_from_shapes(ckpt, prefix, source=str(source))
-            key_map = {k: prefix + k for k in keymap.from_diffusers(config)}
-        if config.in_channels not in (64, FLEX2_CHANNELS):
-            raise CheckpointError(f"the transformer takes {config.in_channels} input channels; the flex2 family "
-                                  f"runs 196 (Flex.2) or 64 (Flux.1)", file=str(source), key="in_channels")
+        config, prefix = transformer_config(source, ckpt)
+        key_map = keymap.from_diffusers(config)
+        if prefix is not None:
+            key_map = {k: prefix + k for k in key_map}
         return build_and_load(lambda: Flux1Transformer(config), ckpt, what="transformer", memory=memory,
                               key_map=key_map, dtype=dtype, device=device)
 
 
+def autoencoder_config(folder: Path) -> Flux1AutoencoderConfig:
+    return Flux1AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+
+
+def check_pair(transformer: Flux1Config, vae: Flux1AutoencoderConfig, folder: Path) -> None:
+    if vae.blocks.latent_channels * 4 != transformer.output_channels:
+        raise CheckpointError(f"the autoencoder has {vae.blocks.latent_channels} latent channels, the transformer "
+                              f"predicts {transformer.output_channels} (= 4 × 16 for Flux.1)",
+                              file=str(folder / "vae" / "config.json"), key="latent_channels")
+
+
+def model_limits(vae: Flux1AutoencoderConfig) -> ModelLimits:
+    """Tokens are 2×2 patches of latent pixels, each 2^(levels - 1) pixels wide."""
+    downsample = 2 ** (len(vae.blocks.block_out_channels) - 1)
+    return ModelLimits(latent_channels=4 * vae.blocks.latent_channels, pixel_multiple=2 * downsample)
+
+
 def load_autoencoder(folder: Path, dtype, device) -> Flux1Autoencoder:
-    config = Flux1AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    config = autoencoder_config(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux1Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
@@ -165,7 +191,7 @@ class Flex2(LoraSupport, ModelFamily):
         self._text_encoder = None
         self._checkpoint_id: str | None = None
         self.shift = self._schedule_config(folder / "scheduler" / "scheduler_config.json")
-        self.limits = ModelLimits(latent_channels=4 * vae.latent_channels, pixel_multiple=2 * vae.downsample_factor)
+        self.limits = model_limits(vae.config)
 
     @staticmethod
     def _schedule_config(file: Path) -> dict:
@@ -182,26 +208,41 @@ class Flex2(LoraSupport, ModelFamily):
         """True for Flex.2 checkpoints (inpaint, mask and control channels), False for plain Flux.1."""
         return self.transformer.config.in_channels == FLEX2_CHANNELS
 
-    @classmethod
-    def check(cls, config) -> list[str]:
+    @staticmethod
+    def _locate(config) -> tuple[Path, Path]:
         if config.model.preset is not None:
             raise ConfigError("the flex2 family has no presets; give `path`", path=config.source, key="model.preset")
-        locate(config.model_path)
+        return locate(config.model_path)
+
+    @classmethod
+    def check(cls, config) -> list[str]:
+        """Without reading weights: the files exist, every config.json (or the single file's header) is within
+        sane bounds, the autoencoder fits the transformer, and every weight file is as long as its header says
+        (opening the transformer's checkpoint reads its headers)."""
+        source, folder = cls._locate(config)
+        with SafetensorsCheckpoint.open(source) as ckpt:
+            t_config, _ = transformer_config(source, ckpt)
+        check_pair(t_config, autoencoder_config(folder / "vae"), folder)
+        check_weight_files(folder / "vae")
+        for component in ("text_encoder", "text_encoder_2"):
+            text_encoder_config(folder / component)
+            check_weight_files(folder / component)
         return []
 
     @classmethod
+    def limits_for(cls, config) -> ModelLimits:
+        """The ``limits`` the loaded model will have: they follow from the autoencoder's config.json alone."""
+        _, folder = cls._locate(config)
+        return model_limits(autoencoder_config(folder / "vae"))
+
+    @classmethod
     def load(cls, config, memory):
-        if config.model.preset is not None:
-            raise ConfigError("the flex2 family has no presets; give `path`", path=config.source, key="model.preset")
-        source, folder = locate(config.model_path)
+        source, folder = cls._locate(config)
         device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
         transformer = load_transformer(source, dtype, memory.load_device("transformer", device), memory)
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
-        if vae.latent_channels * 4 != transformer.config.output_channels:
-            raise CheckpointError(f"the autoencoder has {vae.latent_channels} latent channels, the transformer "
-                                  f"predicts {transformer.config.output_channels} (= 4 × 16 for Flux.1)",
-                                  file=str(folder / "vae" / "config.json"), key="latent_channels")
+        check_pair(transformer.config, vae.config, folder)
         return cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
 
     def lora_rules(self):

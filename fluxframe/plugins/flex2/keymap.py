@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from fluxframe.errors import CheckpointError
+from fluxframe.plugins.flux2.transformer import check_sizes
 
 from .transformer import Flux1Config
 
@@ -116,32 +117,49 @@ def default_axes(head_dim: int) -> tuple[int, int, int]:
 def config_from_shapes(ckpt, prefix: str, *, source: str) -> Flux1Config:
     """Read a single file's transformer shape from its header: widths from the tensor shapes, depths from
     the block count, the head dim from the q-norm scale. RoPE axes come from the file's metadata
-    (``axes_dims_rope``, comma-separated) when present, else Flux.1's 1/8 : 7/16 : 7/16 split."""
-    def shape(key):
-        return ckpt.shape(prefix + key)
+    (``axes_dims_rope``, comma-separated) when present, else Flux.1's 1/8 : 7/16 : 7/16 split. The header
+    can claim anything, so the result is held to the same sane bounds as a config.json before it is used."""
+    def shape(key, ndim):
+        got = ckpt.shape(prefix + key)
+        if len(got) != ndim or not all(d >= 1 for d in got):
+            raise CheckpointError(f"shape {got} is not a {ndim}-D weight of a Flux.1 transformer", file=source,
+                                  key=prefix + key)
+        return got
 
     keys = ckpt.keys()
 
     def count(block):
         return len({k[len(prefix):].split(".")[1] for k in keys if k.startswith(f"{prefix}{block}.")})
 
-    hidden, in_channels = shape("img_in.weight")
-    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    hidden, in_channels = shape("img_in.weight", 2)
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale", 1)[0]
     if hidden % head_dim:
         raise CheckpointError(f"hidden size {hidden} is not a multiple of the head dim {head_dim}", file=source,
                               key=prefix + "img_in.weight")
     meta = ckpt.metadata().get("axes_dims_rope")
-    axes = tuple(int(a) for a in meta.split(",")) if meta else default_axes(head_dim)
-    return Flux1Config(
+    try:
+        axes = tuple(int(a) for a in meta.split(",")) if meta else default_axes(head_dim)
+    except ValueError:
+        raise CheckpointError(f"metadata axes_dims_rope {meta[:60]!r} is not comma-separated integers",
+                              file=source, key="__metadata__") from None
+    config = Flux1Config(
         in_channels=in_channels,
-        out_channels=shape("final_layer.linear.weight")[0],
+        out_channels=shape("final_layer.linear.weight", 2)[0],
         num_layers=count("double_blocks"),
         num_single_layers=count("single_blocks"),
         attention_head_dim=head_dim,
         num_attention_heads=hidden // head_dim,
-        joint_attention_dim=shape("txt_in.weight")[1],
-        pooled_projection_dim=shape("vector_in.in_layer.weight")[1],
+        joint_attention_dim=shape("txt_in.weight", 2)[1],
+        pooled_projection_dim=shape("vector_in.in_layer.weight", 2)[1],
         guidance_embeds=prefix + "guidance_in.in_layer.weight" in ckpt,
         axes_dims_rope=axes,
-        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight", 2)[0] / hidden,
     )
+    names = {"in_channels": "img_in.weight", "out_channels": "final_layer.linear.weight",
+             "num_layers": "double_blocks", "num_single_layers": "single_blocks",
+             "attention_head_dim": "double_blocks.0.img_attn.norm.query_norm.scale",
+             "num_attention_heads": "img_in.weight", "joint_attention_dim": "txt_in.weight",
+             "pooled_projection_dim": "vector_in.in_layer.weight", "mlp_ratio": "double_blocks.0.img_mlp.0.weight"}
+    names = {k: prefix + v for k, v in names.items()}
+    names["axes_dims_rope"] = "__metadata__" if meta else names["attention_head_dim"]
+    return check_sizes(config, source, names)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from fluxframe.errors import CheckpointError
 
+from . import bounds
+
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 # diffusers config keys that only steer diffusers' own machinery (tiling, upcasting, SD-style scaling).
@@ -47,7 +49,8 @@ class AutoencoderConfig:
         checks = {  # dataclass field type -> (test, what was expected)
             "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
             "bool": (lambda v: isinstance(v, bool), "true or false"),
-            "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+            "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                      and math.isfinite(v), "a number >= 0"),
             "tuple[int, ...]": (_is_int_list, "a list of positive integers"),
             "tuple[int, int]": (_is_int_list, "a list of positive integers"),
             "tuple[int, ...] | None": (lambda v: v is None or _is_int_list(v), "null or a list of positive integers"),
@@ -59,20 +62,20 @@ class AutoencoderConfig:
                 continue
             if key == "act_fn":
                 if value not in ("silu", "swish"):  # diffusers maps both names to SiLU
-                    raise fail(key, f"only 'silu' is supported, got {value!r}")
+                    raise fail(key, f"only 'silu' is supported, got {bounds.short(value)}")
             elif key in ("down_block_types", "up_block_types"):
                 wanted = _DOWN_BLOCK if key == "down_block_types" else _UP_BLOCK
                 if not isinstance(value, (list, tuple)) or any(v != wanted for v in value):
-                    raise fail(key, f"only {wanted} blocks are supported, got {value!r}")
+                    raise fail(key, f"only {wanted} blocks are supported, got {bounds.short(value)}")
             elif key not in types:
                 raise fail(key, "unknown autoencoder config key")
             else:
                 ok, expected = checks[types[key]]
                 if not ok(value):
-                    raise fail(key, f"expected {expected}, got {value!r}")
+                    raise fail(key, f"expected {expected}, got {bounds.short(value)}")
                 kwargs[key] = float(value) if types[key] == "float" else value
                 kwargs[key] = tuple(value) if isinstance(value, list) else kwargs[key]
-        config = cls(**kwargs)
+        config = cls(**kwargs).check_sizes(source)
 
         # The block type lists fix how many levels diffusers builds; they must agree with the channel lists.
         decoder_channels = config.decoder_block_out_channels or config.block_out_channels
@@ -87,6 +90,30 @@ class AutoencoderConfig:
             if channels % config.norm_num_groups:
                 raise fail("norm_num_groups", f"{config.norm_num_groups} groups do not divide {channels} channels")
         return config
+
+    def check_sizes(self, source: str, names: dict[str, str] | None = None) -> AutoencoderConfig:
+        """Itself, if every size is within sane bounds (see bounds.py), else a CheckpointError naming ``source``
+        and the field (or ``names[field]``, where the sizes were read from a single file's tensors). Types are
+        from_dict's business; this runs before anything is built, also for configs read from tensor shapes."""
+        names = names or {}
+
+        def key(name: str) -> str:
+            return names.get(name, name)
+
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            bounds.integer(getattr(self, name), file=source, key=key(name), maximum=bounds.MAX_WIDTH)
+        bounds.integer(self.layers_per_block, file=source, key=key("layers_per_block"),
+                       maximum=bounds.MAX_LAYERS_PER_BLOCK)
+        bounds.integers(self.patch_size, file=source, key=key("patch_size"), maximum=bounds.MAX_PATCH, max_len=2)
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            if getattr(self, name) is not None:
+                bounds.integers(getattr(self, name), file=source, key=key(name), maximum=bounds.MAX_WIDTH,
+                                max_len=bounds.MAX_LEVELS)
+        # Per level, at most layers + 1 resnets of two 3x3 convolutions, in the encoder and in the decoder.
+        levels = self.block_out_channels + (self.decoder_block_out_channels or self.block_out_channels)
+        count = sum(18 * (self.layers_per_block + 1) * c * c for c in levels)
+        bounds.parameters(count, file=source, key=key("block_out_channels"), what="autoencoder")
+        return self
 
     def to_dict(self) -> dict:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -12,21 +12,20 @@ checkpoint is never held twice. The text encoder loads on first use.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, resolve_weight_files
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError
 from fluxframe.plugins.lora import LoraSupport
 
-from . import keymap, single_file
+from . import bounds, keymap, single_file
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
 from .transformer import Flux2Transformer, TransformerConfig
 
@@ -63,16 +62,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError("is missing", file=str(path)) from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"is not valid JSON: {exc}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise CheckpointError("must hold a JSON object", file=str(path))
-    return data
+_read_json = bounds.read_json  # every JSON file of a checkpoint, size-capped
 
 
 def check_folder(folder: Path) -> dict:
@@ -96,6 +86,32 @@ def check_folder(folder: Path) -> dict:
     return index
 
 
+def check_files(folder: Path) -> None:
+    """What ``check_folder`` leaves to loading, still without reading weights: every config.json within sane
+    bounds, and every weight file (transformer, vae, text encoder; shards of an index too) as long as its
+    header says, so a truncated download is refused by `config check`, not after minutes of loading."""
+    read_transformer_config(folder / "transformer")
+    read_autoencoder_config(folder / "vae")
+    bounds.text_encoder_config(folder / "text_encoder")
+    for component in ("transformer", "vae", "text_encoder"):
+        check_weight_files(folder / component)
+
+
+def read_transformer_config(folder: Path) -> TransformerConfig:
+    return TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+
+
+def read_autoencoder_config(folder: Path) -> AutoencoderConfig:
+    return AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+
+
+def model_limits(transformer: TransformerConfig, vae: AutoencoderConfig) -> ModelLimits:
+    """The limits of a model of these shapes: one latent pixel is 2^(levels - 1) pixels, patchified by
+    ``patch_size``; the transformer takes ``in_channels`` per token. Up to 10 reference images."""
+    downsample = 2 ** (len(vae.block_out_channels) - 1) * vae.patch_size[0]
+    return ModelLimits(latent_channels=transformer.in_channels, pixel_multiple=downsample, max_references=10)
+
+
 def fingerprint(folder: Path) -> str:
     """The checkpoint id of a diffusers-layout folder (see fluxframe.core.checkpoint.fingerprint)."""
     return checkpoint_fingerprint(*(folder / c for c in ("transformer", "vae", "text_encoder")))
@@ -107,7 +123,7 @@ def prompt_encoder_class(folder: Path):
     from .text_encoder import MistralPromptEncoder
 
     config_file = folder / "text_encoder" / "config.json"
-    kind = _read_json(config_file).get("model_type")
+    kind = bounds.text_encoder_config(folder / "text_encoder").get("model_type")
     classes = {"mistral3": MistralPromptEncoder, "qwen3": Qwen3PromptEncoder}
     if kind not in classes:
         raise CheckpointError(f"model_type {kind!r} is not a FLUX.2 text encoder (known: {', '.join(classes)})",
@@ -137,14 +153,14 @@ def is_base_model(folder: Path, guidance_embeds: bool) -> bool:
 def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device,
                      memory: MemoryStrategy | None = None) -> Flux2Transformer:
     """The DiT of a diffusers transformer/ folder; ``memory``'s while_loading hook (quantize) runs as it loads."""
-    config = TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    config = read_transformer_config(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Transformer(config), ckpt, what="transformer", memory=memory,
                               key_map=keymap.from_diffusers(config), dtype=dtype, device=device)
 
 
 def load_autoencoder(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Autoencoder:
-    config = AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    config = read_autoencoder_config(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
@@ -195,10 +211,7 @@ class Flux2(LoraSupport, ModelFamily):
         self.base = is_base_model(folder, self.embedded_guidance)
         if not self.embedded_guidance and not self.base:  # klein distilled
             self.default_steps, self.default_guidance = 4, 1.0
-        downsample = 2 ** (len(vae.config.block_out_channels) - 1) * vae.config.patch_size[0]
-        self.limits = ModelLimits(
-            latent_channels=transformer.config.in_channels, pixel_multiple=downsample, max_references=10
-        )
+        self.limits = model_limits(transformer.config, vae.config)
 
     @classmethod
     def folder_for(cls, config) -> Path:
@@ -208,19 +221,38 @@ class Flux2(LoraSupport, ModelFamily):
             return preset_folder(config.model.preset)
         return config.model_path
 
+    @staticmethod
+    def _preset(config) -> str:
+        from .presets import PRESETS
+
+        if config.model.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {config.model.preset!r} (known: {', '.join(PRESETS)})",
+                              path=config.source, key="model.preset")
+        return config.model.preset
+
     @classmethod
     def check(cls, config) -> list[str]:
         if config.model.preset is not None:
-            from .presets import PRESETS
-
-            if config.model.preset not in PRESETS:
-                raise ConfigError(f"unknown preset {config.model.preset!r} (known: {', '.join(PRESETS)})",
-                                  path=config.source, key="model.preset")
-            return [f"preset {config.model.preset!r}: random weights, for trying fluxframe out (images are noise)"]
+            return [f"preset {cls._preset(config)!r}: random weights, for trying fluxframe out (images are noise)"]
         if single_file.is_single_file(config):
             return single_file.check(config)
         check_folder(config.model_path)
+        check_files(config.model_path)
         return []
+
+    @classmethod
+    def limits_for(cls, config) -> ModelLimits:
+        """The ``limits`` the loaded model will have, from config files and headers alone: a preset's own
+        definition (or its folder, once built), a single file's tensor shapes, a folder's config.json files."""
+        if config.model.preset is not None:
+            from .presets import preset_limits
+
+            return preset_limits(cls._preset(config))
+        if single_file.is_single_file(config):
+            return model_limits(*single_file.configs(config))
+        check_folder(config.model_path)
+        return model_limits(read_transformer_config(config.model_path / "transformer"),
+                            read_autoencoder_config(config.model_path / "vae"))
 
     @classmethod
     def load(cls, config, memory):

@@ -30,13 +30,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLUXFRAME_CACHE") or Path.home() / ".cache" / "fluxframe")
 
 
-def preset_folder(name: str) -> Path:
+def _folder(name: str) -> Path:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}")
-    folder = cache_dir() / "presets" / TINY_VERSION.replace("tiny", name)
+    return cache_dir() / "presets" / TINY_VERSION.replace("tiny", name)
+
+
+def preset_folder(name: str) -> Path:
+    folder = _folder(name)
     if not (folder / "model_index.json").exists():
         build_tiny(folder, klein=name == "tiny-klein")
     return folder
+
+
+def tiny_configs(text_hidden: int, *, klein: bool) -> tuple[TransformerConfig, AutoencoderConfig]:
+    """The tiny preset's transformer and autoencoder shapes (the transformer's text width follows the text
+    encoder's hidden size)."""
+    transformer = TransformerConfig(
+        num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=not klein,
+    )
+    return transformer, AutoencoderConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def preset_limits(name: str):
+    """The preset's ModelLimits without building it: from its folder's config files once built, else from
+    ``tiny_configs`` (which the build writes, so both give the same)."""
+    from .family import model_limits, read_autoencoder_config, read_transformer_config
+
+    folder = _folder(name)
+    if (folder / "model_index.json").exists():
+        return model_limits(read_transformer_config(folder / "transformer"), read_autoencoder_config(folder / "vae"))
+    return model_limits(*tiny_configs(1, klein=name == "tiny-klein"))  # the text width does not matter here
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -60,15 +85,11 @@ def build_tiny(folder: Path, *, seed: int = 0, klein: bool = False) -> Path:
             (build_tiny_qwen3 if klein else build_tiny_mistral3)(work / "text_encoder", vocab_size=vocab, seed=seed)
 
             text_hidden = AutoConfig.from_pretrained(work / "text_encoder").get_text_config().hidden_size
-            t_config = TransformerConfig(
-                num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
-                joint_attention_dim=3 * text_hidden, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=not klein,
-            )
+            t_config, v_config = tiny_configs(text_hidden, klein=klein)
             transformer = Flux2Transformer(t_config)
             _write_json(work / "transformer" / "config.json", t_config.to_dict())
             save_sharded(keymap.to_diffusers(transformer.state_dict(), t_config), work / "transformer")
 
-            v_config = AutoencoderConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
             vae = Flux2Autoencoder(v_config)
             vae.bn.running_mean.normal_(0, 0.1)
             vae.bn.running_var.uniform_(0.5, 1.5)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, fingerprint
+from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, fingerprint
 from fluxframe.core.interfaces import MemoryStrategy
 from fluxframe.errors import CheckpointError, ConfigError
 
+from . import bounds
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
-from .transformer import Flux2Transformer, TransformerConfig
+from .transformer import Flux2Transformer, TransformerConfig, check_sizes
 
 #: Known FLUX.2 DiTs by (hidden size, double blocks, single blocks, text width, guidance embedder).
 VARIANTS = {
@@ -122,31 +123,54 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def _need(shapes: Mapping[str, tuple[int, ...]], key: str, file: str) -> tuple[int, ...]:
+def _need(shapes: Mapping[str, tuple[int, ...]], key: str, file: str, ndim: int = 0) -> tuple[int, ...]:
+    """The shape of ``key``; with ``ndim``, checked to have that many non-zero dimensions (a header can claim any
+    shape; the sizes read from it are bounded by the config checks)."""
     if key not in shapes:
         raise CheckpointError("missing: not a FLUX.2 checkpoint in the original single-file layout", file=file,
                               key=key)
-    return tuple(shapes[key])
+    shape = tuple(shapes[key])
+    if ndim and (len(shape) != ndim or not all(isinstance(d, int) and d >= 1 for d in shape)):
+        raise CheckpointError(f"shape {shape} is not a {ndim}-D weight of a FLUX.2 checkpoint", file=file, key=key)
+    return shape
+
+
+# config field -> the tensors its value is read from, named in errors about it
+DIT_SOURCES = {
+    "in_channels": "img_in.weight", "out_channels": "final_layer.linear.weight", "num_layers": "double_blocks",
+    "num_single_layers": "single_blocks", "attention_head_dim": "single_blocks.0.norm.query_norm.scale",
+    "num_attention_heads": "img_in.weight", "joint_attention_dim": "txt_in.weight",
+    "timestep_guidance_channels": "time_in.in_layer.weight", "mlp_ratio": "single_blocks.0.linear1.weight",
+    "axes_dims_rope": "single_blocks.0.norm.query_norm.scale",
+}
+VAE_SOURCES = {
+    "in_channels": "encoder.conv_in.weight", "out_channels": "decoder.conv_out.weight",
+    "block_out_channels": "encoder.down", "decoder_block_out_channels": "decoder.up",
+    "layers_per_block": "encoder.down.0.block", "latent_channels": "decoder.conv_in.weight",
+    "patch_size": "bn.running_mean",
+}
 
 
 def transformer_config(shapes: Mapping[str, tuple[int, ...]], file: str = "<checkpoint>") -> TransformerConfig:
-    """The DiT config from the tensor shapes of an original-layout checkpoint (name -> shape)."""
-    hidden, in_channels = _need(shapes, "img_in.weight", file)
-    joint = _need(shapes, "txt_in.weight", file)[1]
-    t_channels = _need(shapes, "time_in.in_layer.weight", file)[1]
-    out_channels = _need(shapes, "final_layer.linear.weight", file)[0]
-    head_dim = _need(shapes, "single_blocks.0.norm.query_norm.scale", file)[0]
-    mlp_hidden = (_need(shapes, "single_blocks.0.linear1.weight", file)[0] - 3 * hidden) // 2
+    """The DiT config from the tensor shapes of an original-layout checkpoint (name -> shape), checked against
+    sane bounds (the header may claim any number of blocks)."""
+    hidden, in_channels = _need(shapes, "img_in.weight", file, 2)
+    joint = _need(shapes, "txt_in.weight", file, 2)[1]
+    t_channels = _need(shapes, "time_in.in_layer.weight", file, 2)[1]
+    out_channels = _need(shapes, "final_layer.linear.weight", file, 2)[0]
+    head_dim = _need(shapes, "single_blocks.0.norm.query_norm.scale", file, 1)[0]
+    mlp_hidden = (_need(shapes, "single_blocks.0.linear1.weight", file, 2)[0] - 3 * hidden) // 2
     if hidden % head_dim or head_dim % 8:
         raise CheckpointError(f"hidden size {hidden} and head dim {head_dim} do not fit a FLUX.2 DiT", file=file,
                               key="single_blocks.0.norm.query_norm.scale")
-    return TransformerConfig(
+    config = TransformerConfig(
         in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,
         num_layers=_count(shapes, r"double_blocks\.(\d+)\."), num_single_layers=_count(shapes, r"single_blocks\.(\d+)\."),
         attention_head_dim=head_dim, num_attention_heads=hidden // head_dim, joint_attention_dim=joint,
         timestep_guidance_channels=t_channels, mlp_ratio=mlp_hidden / hidden, axes_dims_rope=(head_dim // 4,) * 4,
         guidance_embeds="guidance_in.in_layer.weight" in shapes,
     )
+    return check_sizes(config, file, DIT_SOURCES)
 
 
 def variant(config: TransformerConfig) -> str:
@@ -161,24 +185,27 @@ def autoencoder_config(shapes: Mapping[str, tuple[int, ...]], file: str = "<chec
     levels = _count(shapes, r"encoder\.down\.(\d+)\.")
     if not levels:
         _need(shapes, "encoder.down.0.block.0.conv1.weight", file)
-    channels = tuple(_need(shapes, f"encoder.down.{i}.block.0.conv1.weight", file)[0] for i in range(levels))
-    dec = tuple(_need(shapes, f"decoder.up.{i}.block.0.conv1.weight", file)[0] for i in range(levels))
-    latent = _need(shapes, "decoder.conv_in.weight", file)[1]
-    bn = _need(shapes, "bn.running_mean", file)[0]
+    # Bounded before the loops below go through them: the header may claim any number of levels.
+    bounds.integer(levels, file=file, key="encoder.down", maximum=bounds.MAX_LEVELS)
+    channels = tuple(_need(shapes, f"encoder.down.{i}.block.0.conv1.weight", file, 4)[0] for i in range(levels))
+    dec = tuple(_need(shapes, f"decoder.up.{i}.block.0.conv1.weight", file, 4)[0] for i in range(levels))
+    latent = _need(shapes, "decoder.conv_in.weight", file, 4)[1]
+    bn = _need(shapes, "bn.running_mean", file, 1)[0]
     patch = round((bn / latent) ** 0.5)
     for c in {*channels, *dec}:
         if c % GROUP_NORM_GROUPS:
             raise CheckpointError(f"{c} channels cannot be split into {GROUP_NORM_GROUPS} norm groups", file=file,
                                   key="encoder.down.0.block.0.conv1.weight")
-    return AutoencoderConfig(
-        in_channels=_need(shapes, "encoder.conv_in.weight", file)[1],
-        out_channels=_need(shapes, "decoder.conv_out.weight", file)[0],
+    config = AutoencoderConfig(
+        in_channels=_need(shapes, "encoder.conv_in.weight", file, 4)[1],
+        out_channels=_need(shapes, "decoder.conv_out.weight", file, 4)[0],
         block_out_channels=channels, decoder_block_out_channels=None if dec == channels else dec,
         layers_per_block=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."), latent_channels=latent,
         norm_num_groups=GROUP_NORM_GROUPS, use_quant_conv="encoder.quant_conv.weight" in shapes,
         use_post_quant_conv="decoder.post_quant_conv.weight" in shapes,
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in shapes, patch_size=(patch, patch),
     )
+    return config.check_sizes(file, VAE_SOURCES)
 
 
 def _shapes(ckpt: SafetensorsCheckpoint) -> dict[str, tuple[int, ...]]:
@@ -215,8 +242,9 @@ def paths(config) -> tuple[Path, Path, Path]:
     return config.model_path, vae, te
 
 
-def check(config) -> list[str]:
-    """Read the headers only: both files are FLUX.2 in the original layout, and their shapes agree."""
+def configs(config) -> tuple[TransformerConfig, AutoencoderConfig]:
+    """The DiT's and the autoencoder's configs from the two files' headers (opening them refuses a truncated
+    file), within sane bounds, checked to be a matching pair."""
     dit, vae, _ = paths(config)
     with SafetensorsCheckpoint.open(dit) as ckpt:
         t_config = transformer_config(_shapes(ckpt), str(dit))
@@ -226,6 +254,16 @@ def check(config) -> list[str]:
     if patched != t_config.in_channels:
         raise CheckpointError(f"the autoencoder gives {patched} latent channels, the DiT ({dit.name}) takes "
                               f"{t_config.in_channels}: not a matching pair", file=str(vae), key="bn.running_mean")
+    return t_config, v_config
+
+
+def check(config) -> list[str]:
+    """Read the headers only: both files are FLUX.2 in the original layout, and their shapes agree; the text
+    encoder's config is within sane bounds and its weight files are as long as their headers say."""
+    dit, _, te = paths(config)
+    t_config, _ = configs(config)
+    bounds.text_encoder_config(te / "text_encoder")
+    check_weight_files(te / "text_encoder")
     kind = variant(t_config)
     return [] if kind != "custom" else [f"{dit.name}: not a known FLUX.2 shape (dev, klein 4B, klein 9B)"]
 

@@ -21,6 +21,8 @@ import torch
 
 from fluxframe.errors import CheckpointError
 
+from . import bounds
+
 SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
     "relationships, object\nattribution and actions without speculation."
@@ -54,7 +56,8 @@ _VOLATILE_CONFIG_KEYS = {
 
 def read_encoder_config(folder: Path, model_type: str, label: str):
     """The text encoder's transformers config, checked before any weights are read: the folder and its
-    config.json exist, the weights are safetensors, and the model_type is the one expected."""
+    config.json exist, the weights are safetensors, the sizes are within sane bounds, and the model_type is
+    the one expected."""
     from transformers import AutoConfig
 
     config_file = folder / "config.json"
@@ -63,6 +66,7 @@ def read_encoder_config(folder: Path, model_type: str, label: str):
     if not config_file.is_file():
         raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
     _require_safetensors(folder)
+    bounds.text_encoder_config(folder)  # before transformers builds anything from its sizes
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -17,10 +17,13 @@ from torch import nn
 
 from fluxframe.errors import CheckpointError
 
+from . import bounds
+
 
 def config_from_dict(cls, d: dict, *, source: str, what: str):
     """A transformer config dataclass from a diffusers config.json: "_" keys skipped, lists made tuples,
-    an unknown key a CheckpointError naming it (a setting we ignored could change the math)."""
+    an unknown key a CheckpointError naming it (a setting we ignored could change the math), every value
+    of the right type and within sane bounds (``check_sizes``)."""
     known = {f.name for f in fields(cls)}
     values = {}
     for key, value in d.items():
@@ -30,9 +33,45 @@ def config_from_dict(cls, d: dict, *, source: str, what: str):
             raise CheckpointError(f"unknown {what} transformer setting; is this a {what} checkpoint?",
                                   file=source, key=key)
         values[key] = tuple(value) if isinstance(value, list) else value
-    config = cls(**values)
+    config = check_sizes(cls(**values), source)
     if config.patch_size != 1:
         raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
+    return config
+
+
+def check_sizes(config, source: str, names: dict[str, str] | None = None):
+    """``config`` (a FLUX.2 or Flux.1 transformer config) if every field has its type and sane bounds (see
+    bounds.py), else a CheckpointError naming ``source`` and the field, or ``names[field]`` where the sizes
+    were read from something else (a single file's tensors). Nothing is built before this passes."""
+    names = names or {}
+    for f in fields(config):
+        value, key = getattr(config, f.name), names.get(f.name, f.name)
+        if f.name in ("num_layers", "num_single_layers"):  # no blocks of one kind is a valid (if odd) DiT
+            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_BLOCKS, minimum=0)
+        elif f.name == "num_attention_heads":
+            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_HEADS)
+        elif f.name == "rope_theta":
+            bounds.number(value, file=source, key=key)
+        elif f.name == "mlp_ratio":
+            bounds.number(value, file=source, key=key, maximum=bounds.MAX_MLP_RATIO)
+        elif f.name == "eps":
+            bounds.number(value, file=source, key=key, maximum=1.0, below=True)
+        elif f.type == "bool":
+            if not isinstance(value, bool):
+                raise CheckpointError(f"expected true or false, got {bounds.short(value)}", file=source, key=key)
+        elif f.type.startswith("tuple"):
+            bounds.integers(value, file=source, key=key, maximum=bounds.MAX_WIDTH, max_len=bounds.MAX_AXES)
+        elif f.type == "int" or value is not None:  # "int | None": null means "as in_channels"
+            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_WIDTH)
+    hidden = config.num_attention_heads * config.attention_head_dim
+    if hidden > bounds.MAX_WIDTH:
+        raise CheckpointError(f"{config.num_attention_heads} heads of {config.attention_head_dim} make a hidden size "
+                              f"of {hidden}, more than {bounds.MAX_WIDTH}", file=source,
+                              key=names.get("num_attention_heads", "num_attention_heads"))
+    # Per block, about (4 + 3 * mlp_ratio) * hidden^2 weights; a double block has two streams.
+    deepest = "num_layers" if 2 * config.num_layers >= config.num_single_layers else "num_single_layers"
+    count = (2 * config.num_layers + config.num_single_layers) * (4 + 3 * config.mlp_ratio) * hidden * hidden
+    bounds.parameters(count, file=source, key=names.get(deepest, deepest), what="transformer")
     return config
 
 
