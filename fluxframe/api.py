@@ -33,10 +33,27 @@ def load(config: Config | str | Path, *, host: PluginHost | None = None) -> Pipe
 
 def with_loras(config: Config | str | Path, loras: list[tuple[str | Path, float]]) -> Config:
     """The config with these LoRAs (path, weight) applied after its own ``[[lora]]`` entries; relative paths
-    are taken from the current directory (as a command line gives them), not from the config's folder."""
+    are taken from the current directory (as a command line gives them), not from the config's folder.
+    An entry that is not valid (a weight that is not a finite number) is a ConfigError naming it as the
+    ``--lora`` argument it came from."""
+    from pydantic import ValidationError
+
+    from fluxframe.errors import ConfigError
+
     if not isinstance(config, Config):
         config = load_config(config)
-    extra = [LoraSettings(path=str(Path(path).expanduser().absolute()), weight=float(weight)) for path, weight in loras]
+    extra = []
+    for path, weight in loras:
+        key = f"--lora {path}:{weight}"
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"the weight must be a number, got {weight!r}", key=key) from None
+        try:
+            extra.append(LoraSettings(path=str(Path(path).expanduser().absolute()), weight=value))
+        except ValidationError as exc:  # e.g. a weight of nan or inf: LoraSettings wants a finite number
+            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                                        for e in exc.errors()), key=key) from None
     return config.model_copy(update={"lora": [*config.lora, *extra]})
 
 

@@ -33,14 +33,22 @@ def _positive(name: str, kind=int, minimum=1):
 
 
 def _lora(text: str) -> tuple[Path, float]:
-    """``PATH[:WEIGHT]``; a path that itself contains ":" works when no weight follows it."""
+    """``PATH[:WEIGHT]``; a path that itself contains ":" works when no weight follows it. The weight must be
+    finite: float() also reads "nan" and "inf", which would otherwise reach the model (or a traceback)."""
+    import math
+
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return Path(head), float(tail)
+            weight = float(tail)
         except ValueError:
             if not Path(text).exists() and Path(head).exists():
                 raise argparse.ArgumentTypeError(f"--lora {text!r}: the weight {tail!r} is not a number") from None
+        else:
+            if math.isfinite(weight):
+                return Path(head), weight
+            if not (Path(text).exists() and not Path(head).exists()):  # else a file named like "x:inf"
+                raise argparse.ArgumentTypeError(f"--lora {text!r}: the weight {tail!r} is not a finite number")
     return Path(text), 1.0
 
 

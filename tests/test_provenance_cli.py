@@ -103,7 +103,7 @@ def test_verify_with_config_checks_the_configured_message(certs, signed, tmp_pat
 def test_verify_errors_are_messages(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "missing.png")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("fluxframe: error:") and "does not exist" in err
+    assert err.startswith("fluxframe: error:") and "missing.png: no such file" in err
     notes = tmp_path / "notes.txt"
     notes.write_text("hi")
     assert main(["verify", str(notes)]) == 1

@@ -101,7 +101,8 @@ def test_check_unreadable_image_exits_1(config, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     assert main(["check", "--config", str(config), "--prompt", "a cat", "--image", str(bad)]) == 1
-    assert "cannot read image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a readable image" in err and str(bad) in err  # the shared reader's message (fluxframe.core.inputs)
 
 
 def test_audit_verify(tmp_path, capsys):

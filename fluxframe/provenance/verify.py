@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxframe.errors import ProvenanceError
+from fluxframe.errors import ProvenanceError, RequestError
 from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_MEDIA
 from fluxframe.provenance.watermark import (KNOWN_MESSAGES, ROBUST_METHOD, THRESHOLD, match, validate_message,
                                             validate_method)
@@ -118,6 +118,25 @@ def sniff_media_type(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+def read_image(path: Path) -> tuple[bytes, Any]:
+    """The file's bytes, read once, and its pixels decoded from those same bytes (the manifest check hashes the
+    bytes, the watermark check reads the pixels: both look at one copy, whatever happens to the file meanwhile).
+
+    Reads through the shared input reader (fluxframe.core.inputs), so a missing file, a directory or a FIFO is
+    refused without hanging; a file that is not a PNG, JPEG or WebP, a truncated one, or one claiming more
+    pixels than Pillow's decompression-bomb limit is refused too. Every refusal is a one-line ProvenanceError
+    that starts with the file's name."""
+    from fluxframe.core.inputs import read_input
+
+    try:
+        item = read_input(path, "")  # no field name: the message starts with the file's name
+        if sniff_media_type(item.data) is None:
+            raise ProvenanceError(f"{path}: not a PNG, JPEG or WebP image")
+        return item.data, item.image("")
+    except RequestError as exc:
+        raise ProvenanceError(str(exc)) from None
 
 
 def load_trust_anchors(paths: list[Path] | None) -> str:
@@ -319,22 +338,14 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
     message in both methods, the FLUX reference's in dwtDct) plus the one the signed manifest declares. A
     message named "configured" (what ``fluxframe verify --config`` passes) sets ``matches_configured``.
 
-    A missing or unreadable file, or one that is not a PNG, JPEG or WebP image, raises ProvenanceError; any
+    A file that cannot be checked at all — missing, unreadable, a directory, not a PNG, JPEG or WebP image,
+    truncated, undecodable, or a decompression bomb (see ``read_image``) — raises ProvenanceError naming it; any
     verdict on an image is a report (``ok`` and ``reasons``), never an exception.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ProvenanceError(f"{path}: file does not exist") from None
-    except OSError as exc:
-        raise ProvenanceError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    data, image = read_image(path)
     report = VerifyReport(file=str(path), media_type=sniff_media_type(data),
                           trust_anchors=[str(p) for p in trust or []])
-    if report.media_type is None:
-        raise ProvenanceError(f"{path}: not a PNG, JPEG or WebP image")
     trust_pem = load_trust_anchors(trust)
 
     _read_manifest(report, data, trust_pem)
@@ -359,12 +370,7 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
     else:
         candidates = dict(messages)
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            report.watermark = check_watermark(image, candidates)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        report.watermark = {"checked": False, "detected": False, "reason": f"cannot decode the pixels: {exc}"}
-        report.reasons.append(f"the image data cannot be decoded: {exc}")
+        report.watermark = check_watermark(image, candidates)
     except ProvenanceError as exc:  # an invalid message among ``messages``
         raise ProvenanceError(f"watermark messages: {exc}") from None
     report.watermark["declared"] = declared

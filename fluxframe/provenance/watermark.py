@@ -32,6 +32,10 @@ bits). It also reads marks the FLUX reference code wrote (see ``match``).
 
 Images under ``MIN_AREA`` pixels are refused by the library; ``embed`` does not mark them and says so in its
 record (``applied: False`` with the reason), which the C2PA signer writes into the manifest.
+
+A deployment that configures a watermark refuses requests whose output would be too small to carry one
+(``WatermarkPostprocessor.check_size``, called before any model work): an unmarked output is released only where
+``[provenance.watermark] allow_unmarked_small = true``, and its record then says so (``allowed_unmarked``).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from fluxframe.core.interfaces import OutputContext, Postprocessor
-from fluxframe.errors import ProvenanceError
+from fluxframe.errors import ProvenanceError, RequestError
 from fluxframe.provenance import robust
 
 log = logging.getLogger(__name__)
@@ -280,6 +284,23 @@ def embed(image, bits: str, method: str = "dwtDct") -> tuple[Any, dict]:
     return marked, record
 
 
+def unmarked_reason(width: int, height: int, method: str) -> str | None:
+    """Why the watermark postprocessor of ``method`` would leave a ``width`` x ``height`` image unmarked, or None
+    when it gets a mark. ``fluxframe-ss`` has a minimum edge, but below it a ``dwtDct`` mark is embedded instead
+    where that method's minimum area allows (see ``WatermarkPostprocessor.process_image``); the other methods
+    have the library's minimum area."""
+    area = width * height
+    if method == ROBUST_METHOD:
+        if robust.too_small(width, height) is None or area >= MIN_AREA:
+            return None
+        return (f"{width}x{height} is under the {ROBUST_METHOD} watermark's minimum of {robust.MIN_EDGE} pixels per "
+                f"edge, and its {area} pixels are under the minimum of {MIN_AREA} pixels of the dwtDct mark it "
+                "falls back to")
+    if area >= MIN_AREA:
+        return None
+    return f"{width}x{height} = {area} pixels is under the {method} watermark's minimum of {MIN_AREA} pixels"
+
+
 def _decode_means(image, lengths: set[int], method: str) -> dict[tuple[str, int], np.ndarray]:
     """Per (reading, length), the fraction of blocks reading 1 for each bit. ``dwtDct`` is read two ways:
     "standard" (the 8-bit colour space of fluxframe's, Stable Diffusion's and the stock decoder) and "float"
@@ -443,14 +464,30 @@ class WatermarkPostprocessor(Postprocessor):
     name = "watermark"
     order = 100
 
-    def __init__(self, method: str = DEFAULT_METHOD, message: str | None = None):
+    def __init__(self, method: str = DEFAULT_METHOD, message: str | None = None, *,
+                 allow_unmarked_small: bool = False):
         self.method = validate_method(method)
         self.message = validate_message(FLUXFRAME_MESSAGE if message is None else message, self.method)
+        if not isinstance(allow_unmarked_small, bool):
+            raise ProvenanceError("provenance.watermark.allow_unmarked_small: must be true or false, got "
+                                  f"{allow_unmarked_small!r}")
+        self.allow_unmarked_small = allow_unmarked_small
         if self.method == "rivaGan":
             try:
                 import onnxruntime  # noqa: F401
             except ImportError as exc:
                 raise ProvenanceError("provenance.watermark.method: rivaGan needs the onnxruntime package") from exc
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse (RequestError naming the shorter side) an output size this method cannot mark, unless the
+        deployment allows unmarked small outputs: a deployment that configures a watermark releases no unmarked
+        image it has not agreed to, and the refusal comes before any model work, not after it."""
+        reason = unmarked_reason(width, height, self.method)
+        if reason is None or self.allow_unmarked_small:
+            return
+        raise RequestError(f"{reason}; this deployment refuses unmarked outputs (set [provenance.watermark] "
+                           "allow_unmarked_small = true to allow them, each then recorded as unmarked)",
+                           field="height" if height < width else "width")
 
     def _check(self, image, method: str) -> dict:
         """Whether ``image`` carries this postprocessor's mark: ``{"detected", "agreement"}``."""
@@ -482,6 +519,12 @@ class WatermarkPostprocessor(Postprocessor):
                 log.warning("the %s watermark cannot be read back from this image (%.0f%% of bits); it is recorded "
                             "as unreadable", record["method"], 100 * (found["agreement"] or 0))
         else:
+            # Said in the record itself (which the manifest carries), not only in a log: this output is unmarked,
+            # and whether the deployment agreed to that (check_size refuses it otherwise; a caller that skipped
+            # check_size gets False here).
+            record["allowed_unmarked"] = self.allow_unmarked_small
+            if self.allow_unmarked_small:
+                record["reason"] += " (allowed: [provenance.watermark] allow_unmarked_small = true)"
             log.warning("watermark not embedded: %s", record["reason"])
         context.records["watermark"] = record
         return marked

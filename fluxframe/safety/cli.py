@@ -49,19 +49,6 @@ def _host(config):
     return PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
 
 
-def _open_image(path: Path):
-    from PIL import Image
-
-    from fluxframe.errors import RequestError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError) as exc:
-        raise RequestError(f"cannot read image {path}: {exc}", field="image") from None
-
-
 def _print_decision(decision) -> None:
     for verdict, subject in zip(decision.verdicts, decision.subjects, strict=True):
         shown = {k: v for k, v in verdict.scores.items() if v}
@@ -73,6 +60,7 @@ def _print_decision(decision) -> None:
 def cmd_check(args) -> int:
     try:
         from fluxframe.core.config import load_config
+        from fluxframe.core.images import open_image
         from fluxframe.safety.policy import SafetyPolicy
 
         config = load_config(args.config)
@@ -80,8 +68,10 @@ def cmd_check(args) -> int:
         prompts = {"prompt": args.prompt}
         if args.negative_prompt is not None:
             prompts["negative_prompt"] = args.negative_prompt
-        inputs = [(f"input[{i}] {p.name}", _open_image(p)) for i, p in enumerate(args.image)]
-        outputs = [(p.name, _open_image(p)) for p in args.output_image]
+        # The one reader every input goes through: a missing file, a directory, a FIFO, a file that is not an
+        # image or a decompression bomb is a one-line RequestError naming the file, never a traceback.
+        inputs = [(f"input[{i}] {p.name}", open_image(p, "--image")) for i, p in enumerate(args.image)]
+        outputs = [(p.name, open_image(p, "--output-image")) for p in args.output_image]
         decisions = [policy.check_prompts(prompts)]
         if inputs:
             decisions.append(policy.check_input_images(inputs))

@@ -9,6 +9,9 @@
   (output only: a heavily blurred, labelled image replaces it; on prompts and inputs blur means block),
   or ``flag`` (allowed, recorded). The strongest action over all filters wins: block > blur > flag.
 * Prompts given only as embeddings (text ``None``) cannot pass a required prompt filter.
+* A filter's ``targets`` say what it checks; a target outside ``TARGETS`` (a misspelling) would silently check
+  nothing, so it is a ConfigError, and so is a required filter whose targets are empty: it would let everything
+  through while the deployment believes it guarded.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ log = logging.getLogger("fluxframe.safety")
 ACTIONS = ("allow", "flag", "blur", "block")  # weakest to strongest
 _RANK = {a: i for i, a in enumerate(ACTIONS)}
 PROMPT_KEYS = ("prompt", "negative_prompt", "upsampled_prompt")
+#: Everything a filter can be run on (check_prompts takes PROMPT_KEYS; images are "input_image", "output_image").
+TARGETS = (*PROMPT_KEYS, "input_image", "output_image")
 NO_TEXT = "no prompt text to check (prompt embeddings were given without their text)"
 BLUR_MARK_KEY = "fluxframe:safety"
 
@@ -110,6 +115,25 @@ def _looks_like_filter(obj: Any) -> bool:
         and isinstance(getattr(obj, "targets", None), set | frozenset | tuple | list)
 
 
+def _check_targets(name: str, instance: Any, required: bool) -> None:
+    """A ConfigError naming ``safety.filters.NAME`` for targets that would make the filter check less than its
+    configuration suggests: one that is not in TARGETS (never matched, so never checked), or none at all on a
+    required filter."""
+    targets = getattr(instance, "targets", None)
+    if isinstance(targets, str) or not isinstance(targets, set | frozenset | tuple | list):
+        raise ConfigError(f"the filter's targets must be a set of target names, got {targets!r}",
+                          key=f"safety.filters.{name}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ConfigError(f"unknown target {unknown[0]!r} (known: {', '.join(TARGETS)}): a filter checks only "
+                          "the targets it names, so a misspelt one checks nothing", key=f"safety.filters.{name}")
+    if not targets:
+        if required:
+            raise ConfigError("required filter checks nothing: its targets are empty",
+                              key=f"safety.filters.{name}")
+        log.warning("safety filter %r (not required) checks nothing: its targets are empty", name)
+
+
 def blur_image(image: Any, label: str = "BLURRED BY SAFETY FILTER") -> Any:
     """A heavily blurred copy (pixelated to 1/64 of the size, then Gaussian-blurred) with a visible label
     band across the middle, and ``info["fluxframe:safety"] = "blurred"`` for the writer to keep."""
@@ -146,6 +170,8 @@ class SafetyPolicy:
                                   key=f"safety.filters.{f.name}.action")
             if f.filter is None and f.error is None:
                 f.error = "not loaded"
+            if f.filter is not None:
+                _check_targets(f.name, f.filter, f.required)
         self.filters = list(filters)
 
     @property

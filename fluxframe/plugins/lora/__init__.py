@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .formats import LoraLayer, read_lora
+from .formats import LoraFile, LoraLayer, load_lora, read_lora
 from .layers import MODES, AppliedLoras, LoraLinear, LoraSpec, apply_loras, fuse, unfuse
 from .targets import Segment, lora_targets
 
@@ -46,5 +46,5 @@ class LoraSupport:
         self._applied, self.loras = None, ()
 
 
-__all__ = ["MODES", "AppliedLoras", "LoraLayer", "LoraLinear", "LoraSpec", "LoraSupport", "Segment", "apply_loras",
-           "fuse", "lora_targets", "read_lora", "unfuse"]
+__all__ = ["MODES", "AppliedLoras", "LoraFile", "LoraLayer", "LoraLinear", "LoraSpec", "LoraSupport", "Segment",
+           "apply_loras", "fuse", "load_lora", "lora_targets", "read_lora", "unfuse"]

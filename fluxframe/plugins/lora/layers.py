@@ -15,7 +15,6 @@ Two ways, chosen per LoRA (``mode``), per layer for ``auto``:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from fluxframe.errors import CheckpointError, ConfigError
 
-from .formats import read_lora
+from .formats import load_lora
 from .targets import Segment, rows_of
 
 MODES = ("auto", "fuse", "side")
@@ -120,14 +119,6 @@ def unfuse(weight: torch.Tensor, record: _Fused) -> None:
                            "was fused)")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 @dataclass
 class _Layer:
     """The LoRA updates bound for one module: factors per mode, concatenated over LoRAs."""
@@ -170,7 +161,8 @@ def _plan(model: nn.Module, targets: dict[str, list[Segment]], specs: list[LoraS
         if not isinstance(spec.weight, int | float) or not torch.isfinite(torch.tensor(float(spec.weight))):
             raise ConfigError(f"must be a finite number, got {spec.weight!r}", key=f"{spec.key}.weight")
         file = str(spec.path)
-        found = read_lora(spec.path)
+        lora = load_lora(spec.path)  # read once: the sha256 recorded is of the bytes the tensors came from
+        found = lora.layers
         unmatched = [layer.name for layer in found if layer.name not in targets]
         if unmatched:
             first = next(layer.key for layer in found if layer.name == unmatched[0])
@@ -200,7 +192,7 @@ def _plan(model: nn.Module, targets: dict[str, list[Segment]], specs: list[LoraS
                                       _Layer(modules[parent_name] if parent_name else model, attr, module))
             entry.parts[mode].append((layer.down.float(), up))
             modes[mode] += 1
-        records.append({"file": spec.path.name, "sha256": file_sha256(spec.path), "weight": float(spec.weight),
+        records.append({"file": spec.path.name, "sha256": lora.sha256, "weight": float(spec.weight),
                         "mode": spec.mode, "layers": len(found), "fused": modes["fuse"], "side": modes["side"]})
     return layers, records
 
