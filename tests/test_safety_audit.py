@@ -8,6 +8,7 @@ import multiprocessing
 
 import pytest
 
+from fluxframe.errors import AuditError
 from fluxframe.safety.audit import (
     GENESIS,
     AuditLog,
@@ -130,14 +131,22 @@ def test_inserted_well_formed_line_is_found(tmp_path):
 def test_missing_head_and_partial_last_line(tmp_path):
     log_path = tmp_path / "audit.jsonl"
     write_log(log_path, 3)
+    head = head_path(log_path).read_bytes()
     head_path(log_path).unlink()
     check = verify_log(log_path)
     assert not check.ok and "head file" in check.reason
     assert verify_log(log_path, head=False).ok
+    with pytest.raises(AuditError, match="head file audit.jsonl.head is missing"):  # not silently re-created
+        AuditLog(log_path).append({"request_id": "after"})
+    head_path(log_path).write_bytes(head)
     log_path.write_bytes(log_path.read_bytes() + b'{"request_id":"cut sh')  # a write cut short
     check = verify_log(log_path, head=False)
     assert (check.ok, check.broken_at) == (False, 4)
-    AuditLog(log_path).append({"request_id": "after"})  # appending after damage starts a new line...
+    before = log_path.read_bytes()
+    with pytest.raises(AuditError, match="incomplete"):  # no appending after the damage...
+        AuditLog(log_path).append({"request_id": "after"})
+    assert log_path.read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.head"]  # no temporaries
     check = verify_log(log_path, head=False)
     assert (check.ok, check.broken_at) == (False, 4)  # ...and the damage stays visible
 

@@ -12,12 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from fluxframe.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Section(BaseModel):
@@ -132,6 +134,18 @@ class SafetySection(_Section):
     require: list[str] = []
     filters: dict[str, FilterSettings] = {}
     audit_log: str | None = None
+    # The name of the environment variable holding the audit log's HMAC key (the key itself stays out of the
+    # file); fluxframe.safety.audit.audit_log_for refuses to start when the variable is unset or empty.
+    audit_key_env: str | None = None
+
+    @field_validator("audit_key_env")
+    @classmethod
+    def _key_env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"must be an environment variable's name (letters, digits, _), got {value!r}")
+        if value is not None and "audit_log" in info.data and info.data["audit_log"] is None:
+            raise ValueError("names the audit log's key, but there is no audit_log to key")
+        return value
 
     def enabled(self) -> dict[str, FilterSettings]:
         """Configured filters plus required ones (requiring a filter enables it with its defaults)."""

@@ -4,8 +4,15 @@
                     [--output-image F] [--json]
         runs the configured filters alone (no model is loaded) and prints every verdict;
         exit 0 allowed, 3 blocked, 1 error.
-    fluxframe audit verify LOG [--no-head] [--key-env VAR]
-        checks the audit log's hash chain; exit 0 intact, 1 broken (with the line where it breaks).
+    fluxframe audit verify [LOG] [--config FILE] [--no-head] [--key-env VAR]
+        checks the audit log's hash chain and head, and lists its re-anchor lines; exit 0 intact, 1 broken
+        (with the line where it breaks). The key comes from --key-env VAR, else from the config's
+        [safety] audit_key_env, else from FLUXFRAME_AUDIT_KEY when that is set; a variable named by
+        --key-env or the config must be set. LOG defaults to the config's [safety] audit_log.
+    fluxframe audit reanchor [LOG] --reason TEXT [--config FILE] [--key-env VAR] [--discard-incomplete-tail]
+        the audited way past a refused tail (missing, stale or edited head): if the whole chain verifies,
+        appends a re-anchor line recording the reason and what the head said, and writes a new head.
+        The key comes from --key-env or the config only (never a default: a re-anchor writes).
 """
 
 from __future__ import annotations
@@ -34,12 +41,25 @@ def add_commands(subparsers) -> dict:
     audit = subparsers.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     verify = audit_sub.add_parser("verify", help="check an audit log's hash chain and head")
-    verify.add_argument("log", type=Path)
+    verify.add_argument("log", type=Path, nargs="?", help="the log (default: the config's [safety] audit_log)")
+    verify.add_argument("--config", type=Path, metavar="FILE",
+                        help="deployment config: its [safety] audit_log and audit_key_env")
     verify.add_argument("--no-head", action="store_true", help="check the chain only, not the head file "
                         "(deleted trailing lines then go unnoticed)")
-    verify.add_argument("--key-env", default="FLUXFRAME_AUDIT_KEY", metavar="VAR",
-                        help="environment variable holding the log's HMAC key, if it has one "
-                             "(default FLUXFRAME_AUDIT_KEY; ignored when unset)")
+    verify.add_argument("--key-env", metavar="VAR",
+                        help="environment variable holding the log's HMAC key, which must then be set (default: "
+                             "the config's audit_key_env with --config, else FLUXFRAME_AUDIT_KEY if it is set)")
+    reanchor = audit_sub.add_parser("reanchor", help="record a new head, in the log, for a log refused at its tail "
+                                    "(its chain must verify)")
+    reanchor.add_argument("log", type=Path, nargs="?", help="the log (default: the config's [safety] audit_log)")
+    reanchor.add_argument("--reason", required=True, help="why: who looked at the log, and what they found")
+    reanchor.add_argument("--config", type=Path, metavar="FILE",
+                          help="deployment config: its [safety] audit_log and audit_key_env")
+    reanchor.add_argument("--key-env", metavar="VAR", help="environment variable holding the log's HMAC key "
+                          "(default: the config's audit_key_env; none without either)")
+    reanchor.add_argument("--discard-incomplete-tail", action="store_true",
+                          help="cut off a last line without its newline (a write cut short); its length, hash and "
+                               "text go into the re-anchor line")
     return {"check": cmd_check, "audit": cmd_audit}
 
 
@@ -102,14 +122,68 @@ def cmd_check(args) -> int:
     return 0 if allowed else EXIT_BLOCKED
 
 
-def cmd_audit(args) -> int:
-    from fluxframe.safety.audit import verify_log
+def _audit_target(args, default_env: str | None) -> tuple[Path, bytes | None, str | None]:
+    """The log, its key and where the key came from: --key-env, else the config's audit_key_env, else
+    ``default_env`` if that variable is set. A variable named by --key-env or the config must be set."""
+    from fluxframe.core.config import load_config
+    from fluxframe.errors import AuditError, ConfigError
 
-    key = os.environ.get(args.key_env) if args.key_env else None
-    result = verify_log(args.log, key=key, head=not args.no_head)
+    config = load_config(args.config) if args.config is not None else None
+    safety = config.safety if config is not None else None
+    if args.log is not None:
+        log = args.log
+    elif safety is not None and safety.audit_log is not None:
+        log = config.resolve(safety.audit_log)
+    else:
+        raise AuditError("name the log, or give --config with a [safety] audit_log" if config is None else
+                         f"{config.source} has no [safety] audit_log: name the log")
+    if args.key_env is not None:
+        name, source = args.key_env, "--key-env"
+    elif config is not None:
+        name, source = (safety.audit_key_env if safety is not None else None), "config"
+    else:
+        name, source = default_env, None
+    key = os.environ.get(name) if name else None
+    if name and not key and source == "config":
+        raise ConfigError(f"the environment variable {name} is not set (or empty): it must hold the audit log's key",
+                          path=config.source, key="safety.audit_key_env")
+    if name and not key and source is not None:
+        raise AuditError(f"--key-env {name}: the variable is not set (or empty)")
+    return log, (key.encode("utf-8") if key else None), (name if key else None)
+
+
+def cmd_audit(args) -> int:
+    try:
+        return _AUDIT_COMMANDS[args.audit_command](args)
+    except FluxframeError as exc:
+        print(f"fluxframe: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_verify(args) -> int:
+    from fluxframe.safety.audit import DEFAULT_KEY_ENV, verify_log
+
+    log, key, key_name = _audit_target(args, DEFAULT_KEY_ENV)
+    result = verify_log(log, key=key, head=not args.no_head)
     if result.ok:
-        print(f"{args.log}: ok: {result.reason}")
+        how = f"HMACs checked with the key in {key_name}" if key else "no key: HMACs not checked"
+        print(f"{log}: ok: {result.reason} ({how})")
         return 0
     where = f" at line {result.broken_at}" if result.broken_at else ""
-    print(f"{args.log}: BROKEN{where}: {result.reason}", file=sys.stderr)
+    print(f"{log}: BROKEN{where}: {result.reason}", file=sys.stderr)
     return 1
+
+
+def _cmd_reanchor(args) -> int:
+    from fluxframe.safety.audit import AuditLog
+
+    log, key, key_name = _audit_target(args, None)
+    written = AuditLog(log, key=key).reanchor(args.reason, discard_incomplete_tail=args.discard_incomplete_tail)
+    previous = written["previous_head"]
+    said = "no head file" if previous is None else f"the head said {json.dumps(previous, sort_keys=True)}"
+    signed = f", signed with the key in {key_name}" if key else ""
+    print(f"{log}: re-anchored at line {written['seq']} after {written['lines']} lines ({said}{signed})")
+    return 0
+
+
+_AUDIT_COMMANDS = {"verify": _cmd_verify, "reanchor": _cmd_reanchor}
