@@ -88,6 +88,9 @@ def _check_plugins(config: Config, host: PluginHost) -> list[str]:
         for key in ("width", "height"):
             if (problem := size_problem(getattr(config.sampler, key), limits)) is not None:
                 raise ConfigError(f"{problem} for this checkpoint", path=config.source, key=f"sampler.{key}")
+    from fluxframe.safety.audit import audit_key_warnings
+
+    warnings += audit_key_warnings(config)
     if config.safety is None:
         warnings.append(NO_SAFETY)
     elif config.safety.audit_log is None:
@@ -103,9 +106,13 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     Raises for what cannot work (an unknown family, a required filter that is not installed, a
     signing key that cannot be used); returns warnings for what works but should be said, every time.
     """
+    from fluxframe.safety.audit import audit_log_for
     from fluxframe.safety.policy import SafetyPolicy
 
     warnings = _check_plugins(config, host)
+    audit = audit_log_for(config)  # its key variable must be set
+    if audit is not None and audit.path.parent.is_dir():  # a missing folder is made at start-up
+        audit.preflight()
     SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
     check_default_size(config, build_postprocessors(config, host))
     guard = build_guard(config)
@@ -209,7 +216,8 @@ def build_postprocessors(config: Config, host: PluginHost) -> list[Postprocessor
         return posts
     if prov.watermark is not None:
         wm = prov.watermark
-        posts.append(host.get("postprocessor", "watermark").factory(method=wm.method, message=wm.message))
+        posts.append(host.get("postprocessor", "watermark").factory(method=wm.method, message=wm.message,
+                                                                  allow_unmarked_small=wm.allow_unmarked_small))
     if prov.c2pa is not None:
         c = prov.c2pa
         posts.append(host.get("postprocessor", "c2pa").factory(
@@ -371,14 +379,14 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
-        from fluxframe.safety.audit import AuditLog
+        from fluxframe.safety.audit import audit_log_for
         from fluxframe.safety.policy import SafetyPolicy
 
         if host is None:
             host = PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
-        audit = None
-        if config.safety is not None and config.safety.audit_log is not None:
-            audit = AuditLog(config.resolve(config.safety.audit_log))
+        audit = audit_log_for(config)
+        if audit is not None:  # before anything loads: a run whose record cannot be kept must not start
+            audit.preflight()
         # Safety and provenance first: a deployment that cannot filter or sign must not load weights.
         try:
             for warning in _check_plugins(config, host):

@@ -25,8 +25,14 @@ from typing import Any
 
 from fluxframe.errors import ProvenanceError, RequestError
 from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_MEDIA
-from fluxframe.provenance.watermark import (KNOWN_MESSAGES, ROBUST_METHOD, THRESHOLD, match, validate_message,
-                                            validate_method)
+from fluxframe.provenance.watermark import (
+    KNOWN_MESSAGES,
+    ROBUST_METHOD,
+    THRESHOLD,
+    match,
+    validate_message,
+    validate_method,
+)
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 #: Reading settings: trust checked, nothing fetched over the network.
