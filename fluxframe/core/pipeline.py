@@ -695,6 +695,8 @@ class Pipeline:
             "action": action,
             "reasons": reasons,
             "output": output,
+            # what each postprocessor did (watermark applied or, where allowed, not; signed), once the file is made
+            "postprocessors": run.context.records if output is not None and run.context is not None else None,
         }
         if self.stages.audit is None:
             return record
