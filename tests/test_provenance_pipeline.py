@@ -18,13 +18,13 @@ def certs(tmp_path_factory):
     return make_dev_certificates(tmp_path_factory.mktemp("certs"))
 
 
-def config(tmp_path, certs, **output):
+def config(tmp_path, certs, allow_unmarked_small=False, **output):
     return api.parse_config({
         "model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
         "sampler": {"steps": 1, "width": 256, "height": 256},
         "output": {"dir": str(tmp_path / "out"), **output},
         "safety": {"require": ["prompt-nsfw", "image-nsfw"], "audit_log": str(tmp_path / "audit.jsonl")},
-        "provenance": {"watermark": {"method": "dwtDct"},
+        "provenance": {"watermark": {"method": "dwtDct", "allow_unmarked_small": allow_unmarked_small},
                        "c2pa": {"certificate": str(certs["chain"]), "private_key": str(certs["key"])}},
     })
 
@@ -44,11 +44,14 @@ def test_generated_output_is_marked_signed_and_verifies(tmp_path, host, certs, f
 
 
 def test_small_output_is_signed_with_the_recorded_watermark_decision(tmp_path, host, certs):
-    pipeline = api.load(config(tmp_path, certs), host=host)
+    """Only where the deployment allows unmarked small outputs (by default such a request is refused before it
+    runs: tests/test_hardening_runner.py)."""
+    pipeline = api.load(config(tmp_path, certs, allow_unmarked_small=True), host=host)
     result = pipeline.generate(api.GenerationRequest(prompt="a red circle", seed=3, width=128, height=128))
     assert any(note.startswith("watermark: NOT applied") for note in result.notes)
     report = verify(result.path, trust=[certs["ca"]])
     assert report.fluxframe["watermark"]["applied"] is False and report.fluxframe["watermark"]["reason"]
+    assert report.fluxframe["watermark"]["allowed_unmarked"] is True
 
 
 def test_signing_failure_writes_nothing_and_is_audited(tmp_path, host, certs, monkeypatch):
