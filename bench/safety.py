@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timing import median_ms as _median_ms  # noqa: E402
 
+from fluxframe.core.policy import ConfiguredFilter, SafetyPolicy, blur_image  # noqa: E402
 from fluxframe.safety.image_nsfw import ImageNSFWFilter  # noqa: E402
 from fluxframe.safety.ip import IPFilter  # noqa: E402
-from fluxframe.safety.policy import ConfiguredFilter, SafetyPolicy, blur_image  # noqa: E402
 from fluxframe.safety.prompt_nsfw import PromptNSFWFilter  # noqa: E402
 
 PROMPT = ("a photograph of a red vintage sports car parked outside a small cafe in Paris at golden hour, "

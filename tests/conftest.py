@@ -86,10 +86,10 @@ def diffusers_flux2_folder(tmp_path_factory, tiny_text_encoder_dirs):
 @pytest.fixture
 def host():
     """A plugin host with only the built-ins, registered in code (installed third-party plugins never leak in)."""
-    from fluxframe.core.plugins import PluginHost
     import fluxframe.conditioning as conditioning
     import fluxframe.provenance as provenance
     import fluxframe.safety as safety
+    from fluxframe.core.plugins import PluginHost
     from fluxframe.plugins import flex2, flux2, memory, samplers
 
     h = PluginHost(load_entry_points=False)

@@ -33,8 +33,8 @@ def _config(folder):
 def pipelines(diffusers_flux2_folder):
     from diffusers import Flux2Pipeline
 
-    from fluxframe.core.plugins import PluginHost
     import fluxframe.conditioning as conditioning
+    from fluxframe.core.plugins import PluginHost
     from fluxframe.plugins import flux2, memory, samplers
 
     host = PluginHost(load_entry_points=False)

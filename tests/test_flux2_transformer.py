@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_diffusers_transformer
+
 from fluxframe.plugins.flux2 import keymap
 from fluxframe.plugins.flux2.family import image_ids, text_ids
 from fluxframe.plugins.flux2.transformer import Flux2Transformer, TransformerConfig

@@ -20,9 +20,7 @@ import stat
 import pytest
 
 from fluxframe.cli import main
-from fluxframe.core.config import parse_config
-from fluxframe.errors import AuditError, ConfigError
-from fluxframe.safety.audit import (
+from fluxframe.core.audit import (
     DEFAULT_KEY_ENV,
     AuditLog,
     audit_key_warnings,
@@ -31,6 +29,8 @@ from fluxframe.safety.audit import (
     sha256_bytes,
     verify_log,
 )
+from fluxframe.core.config import parse_config
+from fluxframe.errors import AuditError, ConfigError
 
 ROOT = os.geteuid() == 0
 root_skip = pytest.mark.skipif(ROOT, reason="runs as root, which ignores permission bits: the emulated "

@@ -22,9 +22,9 @@ from PIL import Image
 from fluxframe import api, hookimpl
 from fluxframe.cli import main
 from fluxframe.core import output as output_module
+from fluxframe.core.audit import verify_log
 from fluxframe.core.interfaces import Filter, Verdict
 from fluxframe.errors import AuditError, ConfigError, OutputError, RequestError
-from fluxframe.safety.audit import verify_log
 
 TINY = {"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
         "sampler": {"steps": 2, "width": 64, "height": 64}}

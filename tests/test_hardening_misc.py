@@ -35,6 +35,7 @@ from fluxframe.cli import _lora, main
 from fluxframe.core.config import load_config, parse_config
 from fluxframe.core.interfaces import Filter, Verdict
 from fluxframe.core.plugins import PluginHost
+from fluxframe.core.policy import TARGETS, ConfiguredFilter, SafetyPolicy
 from fluxframe.errors import CheckpointError, ConfigError, ProvenanceError, RequestError, SafetyError
 from fluxframe.plugins.lora import LoraSpec, apply_loras, load_lora
 from fluxframe.plugins.lora.targets import Segment
@@ -42,7 +43,6 @@ from fluxframe.provenance import watermark as wm
 from fluxframe.provenance.signing import ASSERTION_LABEL
 from fluxframe.provenance.testing import dev_signer, output_context, write_output
 from fluxframe.provenance.verify import verify
-from fluxframe.safety.policy import TARGETS, ConfiguredFilter, SafetyPolicy
 
 # -- A. bad images: one line naming the file ------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import pytest
 
 from fluxframe import api
 from fluxframe.cli import main
+from fluxframe.core.audit import verify_log
 from fluxframe.errors import AuditError, ConfigError, RequestError
 from fluxframe.plugins.flux2.family import Flux2
-from fluxframe.safety.audit import verify_log
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"}, "sampler": {"steps": 1, "width": 64,
@@ -47,7 +47,7 @@ def test_a_log_that_cannot_be_appended_stops_start_up_before_weights(tmp_path, h
     elif breakage == "dev-null":
         log.symlink_to("/dev/null")
     else:
-        from fluxframe.safety.audit import AuditLog
+        from fluxframe.core.audit import AuditLog
 
         AuditLog(log).append({"event": "test"})
         if breakage == "half-line":

@@ -12,8 +12,15 @@ from PIL import Image
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance.certs import issue_certificates, write_private
 from fluxframe.provenance.signing import C2PASigner
-from fluxframe.provenance.testing import (change_one_pixel, dev_signer, flux_reference_embed, output_context,
-                                          reencode, strip_manifest, write_output)
+from fluxframe.provenance.testing import (
+    change_one_pixel,
+    dev_signer,
+    flux_reference_embed,
+    output_context,
+    reencode,
+    strip_manifest,
+    write_output,
+)
 from fluxframe.provenance.verify import verify
 from fluxframe.provenance.watermark import FLUXFRAME_MESSAGE, WatermarkPostprocessor
 

@@ -8,17 +8,9 @@ import multiprocessing
 
 import pytest
 
+from fluxframe.core.audit import GENESIS, AuditLog, head_path, verify_log
+from fluxframe.core.hashing import sha256_bytes, sha256_file, sha256_image, sha256_text
 from fluxframe.errors import AuditError
-from fluxframe.safety.audit import (
-    GENESIS,
-    AuditLog,
-    head_path,
-    sha256_bytes,
-    sha256_file,
-    sha256_image,
-    sha256_text,
-    verify_log,
-)
 
 
 def write_log(path, n=6, key=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fluxframe.cli import main
-from fluxframe.safety.audit import AuditLog
+from fluxframe.core.audit import AuditLog
 
 skimage_data = pytest.importorskip("skimage.data")
 DATA = Path(skimage_data.__file__).parent

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from fluxframe import api, hookimpl
+from fluxframe.core.audit import verify_log
 from fluxframe.core.interfaces import Filter, Verdict
 from fluxframe.errors import Blocked, SafetyError
-from fluxframe.safety.audit import verify_log
 
 
 class Faulty(Filter):

@@ -14,8 +14,8 @@ from fluxframe import hookimpl
 from fluxframe.core.config import parse_config
 from fluxframe.core.interfaces import Filter, Verdict
 from fluxframe.core.plugins import PluginHost
+from fluxframe.core.policy import BLUR_MARK_KEY, ConfiguredFilter, Decision, SafetyPolicy
 from fluxframe.errors import ConfigError, SafetyError
-from fluxframe.safety.policy import BLUR_MARK_KEY, ConfiguredFilter, Decision, SafetyPolicy
 
 
 class Fixed(Filter):

@@ -134,7 +134,7 @@ class SafetySection(_Section):
     filters: dict[str, FilterSettings] = {}
     audit_log: str | None = None
     # The name of the environment variable holding the audit log's HMAC key (the key itself stays out of the
-    # file); fluxframe.safety.audit.audit_log_for refuses to start when the variable is unset or empty.
+    # file); fluxframe.core.audit.audit_log_for refuses to start when the variable is unset or empty.
     audit_key_env: str | None = None
 
     @field_validator("audit_key_env")

@@ -8,7 +8,6 @@ was used. ``InputFile.sha256`` is the SHA-256 of the file's bytes as read.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.hashing import sha256_bytes
 from fluxframe.errors import RequestError
 
 #: The largest input file read into memory (an image or embeddings file; LoRA files are read by their own loader).
@@ -31,7 +31,7 @@ class InputFile:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        return sha256_bytes(self.data)
 
     def image(self, where: str):
         """The bytes decoded as an image (fully loaded), or a RequestError naming ``where``."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.hashing import sha256_bytes, sha256_file
 from fluxframe.errors import OutputError, RequestError
 
 TMP_DIR = ".fluxframe-tmp"
@@ -227,7 +227,7 @@ def sweep_stale(folder: Path, *, grace: float | None = None) -> list[dict[str, A
 
 def _describe(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
-    return {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": path.name, "bytes": len(data), "sha256": sha256_bytes(data)}
 
 
 @contextmanager
@@ -271,8 +271,8 @@ def release(make: Callable[[Path], None], path: Path, *, overwrite: bool,
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # owner-only until released
             make(tmp)
+            digest = sha256_file(tmp)
             with open(tmp, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)
             if overwrite:

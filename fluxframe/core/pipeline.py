@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import inspect
-import json
 import logging
 import secrets
 import time
@@ -27,6 +25,7 @@ from typing import Any
 
 from fluxframe import __version__
 from fluxframe.core.config import Config
+from fluxframe.core.hashing import sha256_image, sha256_json, sha256_text
 from fluxframe.core.inputs import InputFile, read_file_inputs, read_input
 from fluxframe.core.interfaces import (
     ComposedStrategy,
@@ -69,10 +68,10 @@ class Stages:
 
     model: ModelFamily
     sampler: Sampler
-    policy: Any  # fluxframe.safety.policy.SafetyPolicy
+    policy: Any  # fluxframe.core.policy.SafetyPolicy
     conditioners: dict[str, Conditioner] = field(default_factory=dict)
     postprocessors: list[Postprocessor] = field(default_factory=list)
-    audit: Any = None  # fluxframe.safety.audit.AuditLog, when [safety] audit_log is set
+    audit: Any = None  # fluxframe.core.audit.AuditLog, when [safety] audit_log is set
     guard: OutputGuard = field(default_factory=OutputGuard)
 
 
@@ -88,7 +87,7 @@ def _check_plugins(config: Config, host: PluginHost) -> list[str]:
         for key in ("width", "height"):
             if (problem := size_problem(getattr(config.sampler, key), limits)) is not None:
                 raise ConfigError(f"{problem} for this checkpoint", path=config.source, key=f"sampler.{key}")
-    from fluxframe.safety.audit import audit_key_warnings
+    from fluxframe.core.audit import audit_key_warnings
 
     warnings += audit_key_warnings(config)
     if config.safety is None:
@@ -106,8 +105,8 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     Raises for what cannot work (an unknown family, a required filter that is not installed, a
     signing key that cannot be used); returns warnings for what works but should be said, every time.
     """
-    from fluxframe.safety.audit import audit_log_for
-    from fluxframe.safety.policy import SafetyPolicy
+    from fluxframe.core.audit import audit_log_for
+    from fluxframe.core.policy import SafetyPolicy
 
     warnings = _check_plugins(config, host)
     audit = audit_log_for(config)  # its key variable must be set
@@ -176,7 +175,7 @@ def build_guard(config: Config) -> OutputGuard:
     paths += [config.resolve(p) for p in (config.model.vae, config.model.text_encoder) if p is not None]
     paths += [config.resolve(entry.path) for entry in config.lora]
     if config.safety is not None and config.safety.audit_log is not None:
-        from fluxframe.safety.audit import head_path
+        from fluxframe.core.audit import head_path
 
         log_file = config.resolve(config.safety.audit_log)
         paths += [log_file, head_path(log_file)]
@@ -306,18 +305,6 @@ def build_conditioners(config: Config, host: PluginHost) -> dict[str, Conditione
     return out
 
 
-def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(_utf8(data) if isinstance(data, str) else data).hexdigest()
-
-
-def _utf8(text: str) -> bytes:
-    """A text's bytes; a command-line argument that was not valid UTF-8 gets its original bytes back."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
-
-
 def _printable(value: Any) -> Any:
     """A record with every string made valid UTF-8 (lone surrogates from undecodable arguments escaped), so an
     audit line can always be written."""
@@ -347,12 +334,7 @@ def _now() -> str:
 
 
 def _config_hash(config: Config) -> str:
-    return _sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True))
-
-
-def _image_hash(image: Any) -> str:
-    """A hash of the pixels (mode, size and bytes), independent of how the file was encoded."""
-    return _sha256(f"{image.mode}:{image.size}:".encode() + image.tobytes())
+    return sha256_json(config.model_dump(mode="json"))
 
 
 def _note(name: str, record: Any) -> str:
@@ -379,8 +361,8 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
-        from fluxframe.safety.audit import audit_log_for
-        from fluxframe.safety.policy import SafetyPolicy
+        from fluxframe.core.audit import audit_log_for
+        from fluxframe.core.policy import SafetyPolicy
 
         if host is None:
             host = PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
@@ -680,10 +662,10 @@ class Pipeline:
             "event": "request",
             "request_id": request.request_id,
             "fluxframe": __version__,
-            "prompt_sha256": _sha256(text["prompt"]) if isinstance(text["prompt"], str) else None,
-            "negative_prompt_sha256": _sha256(text["negative_prompt"]) if isinstance(text["negative_prompt"], str)
+            "prompt_sha256": sha256_text(text["prompt"]) if isinstance(text["prompt"], str) else None,
+            "negative_prompt_sha256": sha256_text(text["negative_prompt"]) if isinstance(text["negative_prompt"], str)
             and text["negative_prompt"] else None,
-            "inputs": [{"role": role, "sha256": _image_hash(image)} for role, image in run.inputs],
+            "inputs": [{"role": role, "sha256": sha256_image(image)} for role, image in run.inputs],
             "input_files": [{"role": role, "sha256": f.sha256, "bytes": len(f.data)}
                             for role, f in _input_files(request)],
             "prompt_embeds_sha256": embeds.sha256 if isinstance(embeds, InputFile) else None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import io
 import logging
 import math
@@ -29,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.hashing import sha256_text
 from fluxframe.core.interfaces import OutputContext, Postprocessor
 from fluxframe.errors import ProvenanceError
 
@@ -83,7 +83,7 @@ def jsonable(value: Any) -> Any:
 
 
 def _sha256(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return None if text is None else sha256_text(text)
 
 
 def generation_assertion(context: OutputContext, *, include_prompt: bool = False) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The safety layer: prompt and image NSFW filters, the IP filter, the policy that runs them (required
-filters fail closed) and the hash-chained audit log.
+"""The safety filters: prompt and image NSFW filters and the IP filter. The policy that runs them (required filters
+fail closed) and the hash-chained audit log are the core's (fluxframe.core.policy, fluxframe.core.audit): a
+deployment can add, require or configure filters, never replace what runs them.
 
 The filters reach the core the way any plugin's do, through ``register_filters``; their heavy modules
 (onnxruntime, rapidfuzz, transformers) are imported only when a filter is built.

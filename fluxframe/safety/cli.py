@@ -81,7 +81,7 @@ def cmd_check(args) -> int:
     try:
         from fluxframe.core.config import load_config
         from fluxframe.core.images import open_image
-        from fluxframe.safety.policy import SafetyPolicy
+        from fluxframe.core.policy import SafetyPolicy
 
         config = load_config(args.config)
         policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir)
@@ -161,7 +161,7 @@ def cmd_audit(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from fluxframe.safety.audit import DEFAULT_KEY_ENV, verify_log
+    from fluxframe.core.audit import DEFAULT_KEY_ENV, verify_log
 
     log, key, key_name = _audit_target(args, DEFAULT_KEY_ENV)
     result = verify_log(log, key=key, head=not args.no_head)
@@ -175,7 +175,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_reanchor(args) -> int:
-    from fluxframe.safety.audit import AuditLog
+    from fluxframe.core.audit import AuditLog
 
     log, key, key_name = _audit_target(args, None)
     written = AuditLog(log, key=key).reanchor(args.reason, discard_incomplete_tail=args.discard_incomplete_tail)

@@ -20,7 +20,6 @@ applied even if the file is replaced meanwhile. Pickled files are refused by nam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fluxframe.core.checkpoint import PICKLE_SUFFIXES
+from fluxframe.core.hashing import sha256_bytes
 from fluxframe.errors import CheckpointError
 
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
@@ -146,7 +146,7 @@ def load_lora(path: Path) -> LoraFile:
     path = Path(path)
     file = str(path)
     data = _read_once(path)
-    sha256 = "sha256:" + hashlib.sha256(data).hexdigest()
+    sha256 = "sha256:" + sha256_bytes(data)
     tensors, metadata = _tensors(data, file)
     del data  # the tensors own copies; the file's bytes are not kept alive beside them
     if not tensors:

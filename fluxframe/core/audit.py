@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fluxframe.core.hashing import sha256_bytes
 from fluxframe.errors import AuditError, ConfigError
 
 if TYPE_CHECKING:
@@ -80,29 +81,6 @@ DEFAULT_KEY_ENV = "FLUXFRAME_AUDIT_KEY"  # what `fluxframe audit verify` reads w
 MAX_LINE = 16 << 20  # a tail line longer than this is not one fluxframe wrote; reading stops there
 _MAX_HEAD = 1 << 16
 _NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: opening a FIFO must not hang
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return sha256_bytes(text.encode("utf-8"))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_image(image: Any) -> str:
-    """Hash of a PIL image's pixels (mode and size included), for inputs that never were a file."""
-    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
 
 
 def _encode(record: dict[str, Any]) -> bytes:
