@@ -145,14 +145,6 @@ def test_plugins_command_lists_sources_and_failures(broken_entry_point, capsys):
     assert re.search(r"broken-plugin\s+FAILED.*ModuleNotFoundError", out)
 
 
-def test_every_hook_is_documented_in_the_readme():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    hooks = [name for name in dir(hookspecs) if name.startswith("register_")]
-    assert len(hooks) == 6
-    for name in hooks:
-        assert f"`{name}(register)`" in readme, f"hook {name} is not documented in README.md"
-
-
 def test_trace_plugins_prints_every_hook_call_through_pluggy(host, monkeypatch, capsys):
     """FLUXFRAME_TRACE_PLUGINS=1: each collector hook is called through pluggy, once per plugin, and the trace names
     the plugin each `register` belongs to."""
