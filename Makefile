@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,15 @@ demo: $(STAMP)
 	  echo "Check it:  $(BIN)/fluxframe verify $$out --trust $(DEV_CERTS)/ca.pem" && \
 	  echo "Audit log: $(BIN)/fluxframe audit verify outputs/audit.jsonl"
 
+# The architecture contract (import-linter, pyproject.toml), the docs site built strictly, then the test suite.
 test: $(STAMP)
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 	$(BIN)/python -m pytest -q
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "The site is in build/site/ (index.html)"
+
 clean:
-	rm -rf $(VENV) outputs $(DEV_CERTS)
+	rm -rf $(VENV) outputs $(DEV_CERTS) build
