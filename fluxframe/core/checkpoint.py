@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fluxframe.core import files
 from fluxframe.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -517,16 +518,11 @@ def save_sharded(
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
-    """``write(temporary name)`` beside ``path``, then renamed onto it: ``path`` is never half-written."""
-    # The temporary name must not end in .safetensors, so a leftover is never taken for weights.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """fluxframe.core.files.atomic_write for weights: a failure is a CheckpointError naming the file."""
     try:
-        write(str(tmp))
-        os.replace(tmp, path)
+        return files.atomic_write(path, lambda tmp: write(str(tmp)))
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write: {e}", file=str(path)) from e
-    return path
 
 
 def fingerprint(*paths: Path) -> str:

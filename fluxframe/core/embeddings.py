@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fluxframe import __version__
+from fluxframe.core.files import atomic_write
 from fluxframe.core.inputs import InputFile, read_input
 from fluxframe.errors import CheckpointError
 
@@ -34,12 +35,7 @@ def save(path: Path, identity: dict, prompt: str, embeds: torch.Tensor, negative
     if negative_embeds is not None:
         tensors["negative_prompt_embeds"] = negative_embeds.detach().to("cpu").contiguous()
         metadata["negative_prompt"] = negative_prompt or ""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load(source: Path | InputFile, identity: dict, width: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,10 +1,8 @@
-"""Conversions between model tensors in [-1, 1] and PIL images, and atomic image writing."""
+"""Conversions between model tensors in [-1, 1] and PIL images, the formats fluxframe writes, and reading an image
+input (through the read-once path of fluxframe.core.inputs)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxframe.errors import OutputError, RequestError
+from fluxframe.errors import RequestError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -31,33 +29,6 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     """An image -> (1, 3, H, W) in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
-
-
-def format_for(path: Path, default: str) -> str:
-    suffix = path.suffix.lower().lstrip(".")
-    return {"jpg": "jpeg"}.get(suffix, suffix) if suffix in ("png", "jpg", "jpeg", "webp") else default
-
-
-def write_atomic(image: Image.Image, path: Path, fmt: str, finish: Callable[[Path], None] | None = None) -> None:
-    """Encode to a temporary file beside ``path``, let ``finish`` change it (e.g. sign it), then rename.
-
-    A reader never sees a half-written or unfinished file, and a failure leaves nothing behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
-        if finish is not None:
-            finish(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the image: {exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def open_image(item: Any, where: str):

@@ -32,11 +32,9 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -609,14 +607,12 @@ def _write_json(path: Path, data: dict) -> None:
 def export(out: Path, stage: Path, cfg: TrainConfig, vae, transformer, meta: dict) -> Path:
     """Write the diffusers-layout folder beside ``out`` and rename it into place (an older one is replaced)."""
     from fluxframe.core.checkpoint import save_sharded
+    from fluxframe.core.files import atomic_folder
     from fluxframe.plugins.flux2 import keymap
 
     dtype = getattr(torch, cfg.weights_dtype)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(work, 0o755)  # mkdtemp's 0700 would become the checkpoint folder's
-    try:
+
+    def build(work: Path) -> None:
         t_config = transformer.config
         _write_json(work / "transformer" / "config.json", {"_class_name": "Flux2Transformer2DModel",
                                                            **t_config.to_dict()})
@@ -641,16 +637,8 @@ def export(out: Path, stage: Path, cfg: TrainConfig, vae, transformer, meta: dic
         })
         _write_json(work / "training.json", meta)
         (work / "TRAINING.md").write_text(training_notes(meta), encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(work, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+
+    return atomic_folder(Path(out), build, replace=True)
 
 
 def training_notes(meta: dict) -> str:

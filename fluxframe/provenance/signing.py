@@ -23,14 +23,14 @@ import logging
 import math
 import os
 import stat
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.files import atomic_write
 from fluxframe.core.hashing import sha256_text
 from fluxframe.core.interfaces import OutputContext, Postprocessor
-from fluxframe.errors import ProvenanceError
+from fluxframe.errors import OutputError, ProvenanceError
 
 log = logging.getLogger(__name__)
 
@@ -358,25 +358,17 @@ class C2PASigner(Postprocessor):
         """Sign ``path`` in place: the signed file is written beside it and renamed over it."""
         path = Path(path)
         manifest = self.manifest(context)
-        try:
-            fd, signed_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".signed", dir=path.parent)
-        except OSError as exc:
-            raise ProvenanceError(f"{path.parent}: cannot create a file to sign into: {exc}") from exc
-        signed = Path(signed_name)
-        try:
-            with os.fdopen(fd, "w+b") as dest, open(path, "rb") as source:
+
+        def sign(signed: Path) -> None:
+            with open(signed, "w+b") as dest, open(path, "rb") as source:
                 self.sign_stream(source, dest, media_type, manifest)
-            os.chmod(signed, stat.S_IMODE(os.stat(path).st_mode))
-            os.replace(signed, path)
+
+        try:
+            atomic_write(path, sign, mode=stat.S_IMODE(os.stat(path).st_mode))
         except ProvenanceError as exc:
-            signed.unlink(missing_ok=True)
             raise ProvenanceError(f"{path}: {exc}") from exc.__cause__
-        except OSError as exc:
-            signed.unlink(missing_ok=True)
+        except (OSError, OutputError) as exc:
             raise ProvenanceError(f"{path}: cannot sign the file: {exc}") from exc
-        except BaseException:
-            signed.unlink(missing_ok=True)
-            raise
         context.records["c2pa"] = {"signed": True, "summary": f"signed ({self.algorithm}, {self.certificate.name})",
                                    "algorithm": self.algorithm,
                                    "certificate": str(self.certificate),

@@ -39,20 +39,22 @@ def dev_signer(folder: Path, **options):
 
 
 def write_output(image, path: Path, postprocessors: list, context) -> Path:
-    """Run postprocessors on ``image`` and write it as the runner does (process_image, then write_atomic with
-    process_file on the temporary file)."""
-    from fluxframe.core.images import MEDIA_TYPES, format_for, write_atomic
+    """Run postprocessors on ``image`` and release it as the runner does (process_image, then encode and
+    process_file in a private temporary folder, then into place; see fluxframe.core.output.release)."""
+    from fluxframe.core.images import MEDIA_TYPES, PIL_FORMATS, SAVE_OPTIONS
+    from fluxframe.core.output import format_of, release
 
     posts = sorted(postprocessors, key=lambda p: p.order)
     for post in posts:
         image = post.process_image(image, context)
-    fmt = format_for(Path(path), "png")
+    fmt = format_of(Path(path))
 
-    def finish(tmp: Path) -> None:
+    def make(tmp: Path) -> None:
+        image.save(tmp, format=PIL_FORMATS[fmt], **SAVE_OPTIONS[fmt])
         for post in posts:
             post.process_file(tmp, MEDIA_TYPES[fmt], context)
 
-    write_atomic(image, Path(path), fmt, finish)
+    release(make, Path(path), overwrite=True, record=lambda digest: None)
     return Path(path)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fluxframe.core.checkpoint import save_sharded
+from fluxframe.core.files import atomic_folder
 
 from . import keymap
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
@@ -73,9 +72,7 @@ def build_tiny(folder: Path, *, seed: int = 0, klein: bool = False) -> Path:
     """Write the tiny random checkpoint to ``folder`` (built beside it, then renamed into place)."""
     from .tiny import build_tiny_mistral3, build_tiny_qwen3, build_tiny_qwen_tokenizer, build_tiny_tokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def build(work: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             (build_tiny_qwen_tokenizer if klein else build_tiny_tokenizer)(work / "tokenizer")
@@ -110,11 +107,5 @@ def build_tiny(folder: Path, *, seed: int = 0, klein: bool = False) -> Path:
             "transformer": ["diffusers", "Flux2Transformer2DModel"],
             "vae": ["diffusers", "AutoencoderKLFlux2"],
         })
-        try:
-            os.replace(work, folder)
-        except OSError:
-            if not (folder / "model_index.json").exists():  # not just a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return folder
+
+    return atomic_folder(folder, build)  # a concurrent builder that won the race keeps its folder
