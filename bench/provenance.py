@@ -29,10 +29,13 @@ import numpy as np
 from PIL import Image
 from timing import median_ms
 
-from fluxframe.provenance import watermark as wm
-from fluxframe.provenance.robustness import photo
-from fluxframe.provenance.testing import dev_signer, output_context
-from fluxframe.provenance.verify import verify
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test images and helpers
+
+from provenance_helpers import dev_signer, output_context  # noqa: E402
+from robustness import photo  # noqa: E402
+
+from fluxframe.provenance import watermark as wm  # noqa: E402
+from fluxframe.provenance.verify import verify  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina")
 

@@ -1,7 +1,7 @@
 """Watermark robustness: what survives what platforms do to images (issue 8), for fluxframe's ``fluxframe-ss``
 mark and, for comparison, the ``dwtDct`` mark of the FLUX reference code.
 
-For each attack of ``fluxframe.provenance.robustness.ATTACKS`` (JPEG 90/75/60, WebP 80, crops, resizes,
+For each attack of ``tests/robustness.py.ATTACKS`` (JPEG 90/75/60, WebP 80, crops, resizes,
 brightness and contrast, JPEG 75 + crop + resize together) over the 20 images of ``marked_set`` (16
 scikit-image photos, 4 generated images, 1024 px): the bit accuracy before error correction (mean and minimum
 over the images; 0.5 = chance), and the message success rate — the share of images whose message comes back
@@ -26,9 +26,12 @@ import sys
 
 from timing import median_ms
 
-from fluxframe.provenance import robust
-from fluxframe.provenance import robustness as rb
-from fluxframe.provenance import watermark as wm
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the attacks
+
+import robustness as rb  # noqa: E402
+
+from fluxframe.provenance import robust  # noqa: E402
+from fluxframe.provenance import watermark as wm  # noqa: E402
 
 MESSAGE = wm.FLUXFRAME_MESSAGE
 

@@ -4,10 +4,10 @@ docs/plugins.md with its exact signature, every hook has a test that names it, a
 from __future__ import annotations
 
 import inspect
-from abc import ABC
 import shutil
 import subprocess
 import sys
+from abc import ABC
 from pathlib import Path
 
 import pytest

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from provenance_helpers import dev_signer, output_context, write_output
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,7 +42,6 @@ from fluxframe.plugins.lora import LoraSpec, apply_loras, load_lora
 from fluxframe.plugins.lora.targets import Segment
 from fluxframe.provenance import watermark as wm
 from fluxframe.provenance.signing import ASSERTION_LABEL
-from fluxframe.provenance.testing import dev_signer, output_context, write_output
 from fluxframe.provenance.verify import verify
 
 # -- A. bad images: one line naming the file ------------------------------------------------------------------

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fluxframe import api, hookimpl
-from fluxframe.core import hookspecs
 from fluxframe.core.interfaces import ModelFamily, ModelLimits
 from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Latents, TextConditioning
@@ -166,7 +165,6 @@ def test_trace_plugins_from_the_command_line():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     exe = Path(sys.executable).with_name("fluxframe")
     proc = subprocess.run([str(exe), "plugins"], capture_output=True, text=True, timeout=120,

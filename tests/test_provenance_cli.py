@@ -7,10 +7,10 @@ import stat
 
 import pytest
 from PIL import Image
+from provenance_helpers import change_one_pixel, output_context, strip_manifest, write_output
 
 from fluxframe.cli import main
 from fluxframe.provenance.signing import C2PASigner
-from fluxframe.provenance.testing import change_one_pixel, output_context, strip_manifest, write_output
 from fluxframe.provenance.watermark import WatermarkPostprocessor
 
 CUSTOM = "0110100101011010" * 3

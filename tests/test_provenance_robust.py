@@ -2,20 +2,20 @@
 on 20 images), it stays invisible (PSNR), small images get a recorded decision, unmarked images never match,
 and ``verify`` reports the message, the confidence and the configured match while still reading dwtDct marks.
 
-The image sets and attacks are those of bench/watermark_robustness.py (fluxframe.provenance.robustness).
+The image sets and attacks are those of bench/watermark_robustness.py (tests/robustness.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import robustness as rb
 from PIL import Image
+from provenance_helpers import flux_reference_embed, output_context
 
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance import robust
-from fluxframe.provenance import robustness as rb
 from fluxframe.provenance import watermark as wm
-from fluxframe.provenance.testing import flux_reference_embed, output_context
 from fluxframe.provenance.verify import verify
 
 SS = wm.ROBUST_METHOD

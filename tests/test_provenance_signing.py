@@ -13,12 +13,12 @@ from pathlib import Path
 import c2pa
 import pytest
 from PIL import Image
+from provenance_helpers import dev_signer, output_context, write_output
 
 from fluxframe.core.interfaces import Verdict
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance.certs import issue_certificates, write_private
 from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_MEDIA, C2PASigner
-from fluxframe.provenance.testing import dev_signer, output_context, write_output
 from fluxframe.provenance.watermark import FLUXFRAME_MESSAGE, WatermarkPostprocessor
 
 PROMPT = "a red bicycle leaning on a sunlit wall"

@@ -8,11 +8,7 @@ import time
 
 import pytest
 from PIL import Image
-
-from fluxframe.errors import ProvenanceError
-from fluxframe.provenance.certs import issue_certificates, write_private
-from fluxframe.provenance.signing import C2PASigner
-from fluxframe.provenance.testing import (
+from provenance_helpers import (
     change_one_pixel,
     dev_signer,
     flux_reference_embed,
@@ -21,6 +17,10 @@ from fluxframe.provenance.testing import (
     strip_manifest,
     write_output,
 )
+
+from fluxframe.errors import ProvenanceError
+from fluxframe.provenance.certs import issue_certificates, write_private
+from fluxframe.provenance.signing import C2PASigner
 from fluxframe.provenance.verify import verify
 from fluxframe.provenance.watermark import FLUXFRAME_MESSAGE, WatermarkPostprocessor
 

@@ -8,10 +8,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from provenance_helpers import flux_reference_embed, output_context
 
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance import watermark as wm
-from fluxframe.provenance.testing import flux_reference_embed, output_context
 
 
 def photo(name: str = "astronaut", size=(512, 512)) -> Image.Image:
