@@ -40,3 +40,9 @@ def register_filters(register):
 @hookspec
 def register_memory_strategies(register):
     """Register memory strategies: ``register(name, factory)``; ``factory(**options)`` returns a MemoryStrategy."""
+
+
+@hookspec
+def register_commands(register):
+    """Register CLI commands: ``register(name, setup, run, **parser_options)``; ``setup(parser)`` adds the arguments of
+    ``fluxframe NAME``, ``run(args)`` returns its exit code; parser_options go to argparse (help, description)."""
