@@ -88,7 +88,8 @@ def cmd_check(args) -> int:
         from fluxframe.core.policy import SafetyPolicy
 
         config = load_config(args.config)
-        policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir)
+        policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir,
+                                           source=config.source)
         prompts = {"prompt": args.prompt}
         if args.negative_prompt is not None:
             prompts["negative_prompt"] = args.negative_prompt
