@@ -105,7 +105,8 @@ def test_command_modules_import_nothing_heavy():
             "h = PluginHost(load_entry_points=False)\n"
             "for m in (fluxframe.safety, fluxframe.provenance, fluxframe.demo): h.add(m, name=m.__name__)\n"
             "build_parser(h).format_help()\n"
-            "heavy = [m for m in ('torch', 'PIL', 'numpy', 'c2pa', 'onnxruntime', 'cryptography') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'PIL', 'numpy', 'c2pa', 'onnxruntime', 'cryptography')\n"
+            "         if m in sys.modules]\n"
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

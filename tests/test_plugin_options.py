@@ -219,7 +219,8 @@ def test_instantiate():
     def ink(colour="red", size=1):
         raise ProvenanceError(f"colour {colour}: the ink is dry")
 
-    with pytest.raises(ProvenanceError, match=r"^x\.y: colour red: the ink is dry$"):  # no option given is named: the table
+    # the message names no option that was given: the table
+    with pytest.raises(ProvenanceError, match=r"^x\.y: colour red: the ink is dry$"):
         instantiate(ink, {"size": 2}, key="x.y")
     with pytest.raises(ProvenanceError, match=r"^x\.y\.colour: colour blue: the ink"):  # the one option it names
         instantiate(ink, {"colour": "blue", "size": 2}, key="x.y")

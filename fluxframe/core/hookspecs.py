@@ -44,5 +44,4 @@ def register_memory_strategies(register):
 
 @hookspec
 def register_commands(register):
-    """Register CLI commands: ``register(name, setup, run, **parser_options)``; ``setup(parser)`` adds the arguments of
-    ``fluxframe NAME``, ``run(args)`` returns its exit code; parser_options go to argparse (help, description)."""
+    """Register CLI commands: ``register(name, setup, run, **parser_options)``; ``run(args)`` returns the exit code."""
