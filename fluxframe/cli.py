@@ -1,5 +1,12 @@
 """The ``fluxframe`` command: a thin layer over the Python API (fluxframe.api).
 
+The core commands (generate, encode, plugins, config check) are defined here; every other command group,
+built-in (check, audit, verify, certs, train-demo) or third-party, joins through the ``register_commands`` hook.
+The parser is built before any config is read, so commands come from a plugin host with default settings: every
+installed plugin, whatever a config's [plugins] allow/block says (that applies when the config is loaded). A
+plugin whose commands fail to register, or take a name already taken, is left out and listed by
+``fluxframe plugins``; the rest of the CLI works.
+
 Exit codes: 0 success, 1 a fluxframe error (bad config, checkpoint, request), 2 bad usage,
 3 blocked by the safety policy (no image written).
 Anything else escaping is a bug, and is reported as one.
@@ -8,15 +15,19 @@ Anything else escaping is a bug, and is reported as one.
 from __future__ import annotations
 
 import argparse
-import importlib
+import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from fluxframe import __version__
-from fluxframe.errors import Blocked, FluxframeError
+from fluxframe.errors import Blocked, ConfigError, FluxframeError, PluginError, RequestError
+
+RUN = "fluxframe_command"  # the parsed arguments' attribute holding the chosen command's run(args)
 
 
 def _positive(name: str, kind=int, minimum=1):
@@ -52,7 +63,47 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _json_or_text(text: str) -> Any:
+    """The value as JSON when it parses (numbers, true/false, null, lists, objects, "quoted strings"), else the
+    text itself; NaN and Infinity stay text (no conditioner input wants them)."""
+    def refuse(constant: str):
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+
+
+def _cond(text: str) -> tuple[str, str, Any]:
+    """``--cond NAME.KEY=VALUE`` as (conditioner, input, value)."""
+    target, eq, raw = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (eq and dot and name.strip() and key.strip()):
+        raise argparse.ArgumentTypeError(f"--cond {text!r}: expected CONDITIONER.INPUT=VALUE, e.g. "
+                                         "control.strength=0.5 or reference.images='[\"a.png\", \"b.png\"]'")
+    return name.strip(), key.strip(), _json_or_text(raw)
+
+
+def _cond_json(text: str) -> dict[str, dict[str, Any]]:
+    """``--cond-json '{"CONDITIONER": {"INPUT": VALUE, ...}, ...}'``."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--cond-json: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--cond-json: expected an object {{conditioner: {{input: value}}}}, "
+                                         f"got {type(value).__name__}")
+    for name, inputs in value.items():
+        if not isinstance(inputs, dict):
+            raise argparse.ArgumentTypeError(f"--cond-json {name}: expected an object of inputs, got "
+                                             f"{type(inputs).__name__}")
+    return value
+
+
+def build_parser(host=None) -> argparse.ArgumentParser:
+    """The whole command line: the core commands, then every command the plugins of ``host`` register
+    (default: a host with default settings, see the module docstring)."""
     parser = argparse.ArgumentParser(prog="fluxframe", description="FLUX.2 image generation with plugins, "
                                      "safety filters and provenance.")
     parser.add_argument("--version", action="version", version=f"fluxframe {__version__}")
@@ -90,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--control-strength", type=_positive("--control-strength", float, 0.0))
     cond.add_argument("--control-stop", type=_positive("--control-stop", float, 0.0),
                       help="fraction of the steps after which control is switched off (0-1)")
+    cond.add_argument("--cond", action="append", type=_cond, default=[], metavar="NAME.INPUT=VALUE",
+                      help="any conditioner's input, e.g. control.strength=0.5, reference.images='[\"a.png\"]'; "
+                           "VALUE is read as JSON when it parses, else kept as text; repeatable, each input once")
+    cond.add_argument("--cond-json", action="append", type=_cond_json, default=[], metavar="JSON",
+                      help="inputs of several conditioners as one JSON object: '{\"control\": {\"strength\": 0.5}}'")
 
     enc = sub.add_parser("encode", help="run only the text encoder; write prompt embeddings for --prompt-embeds")
     enc.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
@@ -98,31 +154,102 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--output", required=True, type=Path, help="the embeddings file (.safetensors)")
     enc.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
-    sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide") \
-        .add_argument("--json", action="store_true")
+    gen.set_defaults(**{RUN: cmd_generate})
+    enc.set_defaults(**{RUN: cmd_encode})
+    if host is None:
+        from fluxframe.core.plugins import PluginHost
+
+        host = PluginHost()
+    plugins = sub.add_parser("plugins", help="list loaded plugins, where they come from and what they provide")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(**{RUN: functools.partial(cmd_plugins, host=host)})
 
     config = sub.add_parser("config", help="config file tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_sub.add_parser("check", help="validate a config without loading weights")
     check.add_argument("file", type=Path)
+    config.set_defaults(**{RUN: cmd_config_check})
 
-    for module in COMMAND_MODULES:  # the safety and provenance layers bring their own commands
-        COMMANDS.update(importlib.import_module(module).add_commands(sub))
+    add_plugin_commands(sub, host)
     return parser
 
 
-def request_conditioning(args) -> dict:
-    """The per-request conditioner inputs the flags ask for, by conditioner name."""
-    out: dict[str, dict] = {}
-    if args.reference:
-        out["reference"] = {"images": list(args.reference)}
-    if args.inpaint_image or args.mask:
-        out["inpaint"] = {k: v for k, v in (("image", args.inpaint_image), ("mask", args.mask)) if v is not None}
-    control = {k: v for k, v in (("image", args.control), ("kind", args.control_kind),
-                                 ("strength", args.control_strength), ("stop", args.control_stop)) if v is not None}
-    if control:
-        out["control"] = control
-    return out
+def add_plugin_commands(sub, host) -> None:
+    """The commands of every plugin (``register_commands``), built-in or not, in the order the host collected them.
+    A command whose name is a core command's, or whose setup raises, is left out and recorded in
+    ``host.failures``: one plugin's mistake must not take the command line down."""
+    for name, registration in host.collect("command").items():
+        command = registration.factory
+        if name in sub.choices:
+            host.record_failure(registration.plugin, f"register_commands: command {name!r} is fluxframe's own")
+            continue
+        try:
+            # a dry run on a parser of its own first, so a setup that raises leaves no half-built command behind
+            scratch = {k: v for k, v in command.parser_options.items() if k != "help"}
+            command.setup(argparse.ArgumentParser(prog=f"fluxframe {name}", **scratch))
+            parser = sub.add_parser(name, **command.parser_options)
+            command.setup(parser)
+        except Exception as exc:  # noqa: BLE001 - anything a plugin's setup raises is the plugin's failure
+            message = f"command {name!r} of plugin {registration.plugin!r}: {type(exc).__name__}: {exc}"
+            host.record_failure(registration.plugin, f"register_commands: {message}")
+            if name in sub.choices:  # failed only on the second setup: the command says so instead of running
+                sub.choices[name].set_defaults(**{RUN: functools.partial(_failed_command, message)})
+            continue
+        parser.set_defaults(**{RUN: command.run})
+
+
+def _failed_command(message: str, args) -> int:
+    print(f"fluxframe: error: {message}", file=sys.stderr)
+    return 1
+
+
+SHORTCUTS = {  # flag -> (conditioner, input); argparse's attribute is the flag's name
+    "--reference": ("reference", "images"),
+    "--inpaint-image": ("inpaint", "image"), "--mask": ("inpaint", "mask"),
+    "--control": ("control", "image"), "--control-kind": ("control", "kind"),
+    "--control-strength": ("control", "strength"), "--control-stop": ("control", "stop"),
+}
+
+
+def request_conditioning(args) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """The per-request conditioner inputs the flags ask for, by conditioner name, and which flag gave each input
+    (for messages). The shortcut flags, --cond-json and --cond merge; one input given twice is a RequestError
+    naming both flags (a list is one JSON value, not a repeated flag)."""
+    out: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
+
+    def put(name: str, key: str, value: Any, flag: str) -> None:
+        if (name, key) in origins:
+            raise RequestError(f"also given by {origins[name, key]}; give each input once (a list as one JSON "
+                               "value)", field=f"{flag} {name}.{key}")
+        origins[name, key] = flag if flag in SHORTCUTS else f"{flag} {name}.{key}"
+        out.setdefault(name, {})[key] = value
+
+    for flag, (name, key) in SHORTCUTS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            put(name, key, list(value) if isinstance(value, list) else value, flag)
+    for table in args.cond_json:
+        for name, inputs in table.items():
+            for key, value in inputs.items():
+                put(name, key, value, "--cond-json")
+    for name, key, value in args.cond:
+        put(name, key, value, "--cond")
+    return out, origins
+
+
+def _given_by(exc: FluxframeError, origins: dict[tuple[str, str], str]) -> str | None:
+    """The flag behind a runner error about a conditioner input (the runner names conditioning.NAME.INPUT)."""
+    where = exc.field if isinstance(exc, RequestError) else exc.key if isinstance(exc, ConfigError) else None
+    if isinstance(exc, PluginError) and exc.plugin:
+        where = f"conditioning.{exc.plugin}"
+    match = re.match(r"(?:request\.)?conditioning\.([^.\[]+)(?:\.([^.\[]+))?", where or "")
+    if match is None:
+        return None
+    name, key = match.groups()
+    if key is not None:
+        return origins.get((name, key))
+    return next((flag for (n, _), flag in origins.items() if n == name), None)
 
 
 def cmd_generate(args) -> int:
@@ -130,6 +257,7 @@ def cmd_generate(args) -> int:
 
     from fluxframe import api
 
+    conditioning, origins = request_conditioning(args)
     config = api.with_loras(args.config, args.lora) if args.lora else api.load_config(args.config)
     if args.output is not None:  # before weights load: a run must not end in an image it may not write
         api.check_output(config, args.output, overwrite=args.overwrite)
@@ -148,10 +276,13 @@ def cmd_generate(args) -> int:
             api.GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                   prompt_embeds=args.prompt_embeds, upsample_prompt=args.upsample_prompt,
                                   steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                                  output=args.output, overwrite=args.overwrite,
-                                  conditioning=request_conditioning(args)),
+                                  output=args.output, overwrite=args.overwrite, conditioning=conditioning),
             progress=progress,
         )
+    except (RequestError, ConfigError, PluginError) as exc:
+        if (flag := _given_by(exc, origins)) is None:
+            raise
+        raise RequestError(f"{exc} (given by {flag})") from None
     finally:
         if bar is not None:
             bar.close()
@@ -182,10 +313,8 @@ def format_verdict(v) -> str:
         (f" - {v.reason}" if v.reason else "")
 
 
-def cmd_plugins(args) -> int:
-    from fluxframe.core.plugins import PluginHost
-
-    host = PluginHost()
+def cmd_plugins(args, host) -> int:
+    """The plugins of the host the command line was built from (default settings: see the module docstring)."""
     host.registry  # collect, so each plugin's `provides` is filled
     rows = [
         {"name": i.name, "source": i.source, "builtin": i.builtin, "provides": i.provides} for i in host.info.values()
@@ -214,13 +343,9 @@ def cmd_config_check(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "encode": cmd_encode, "plugins": cmd_plugins, "config": cmd_config_check}
-# Each module has add_commands(subparsers) -> {command name: function(args) -> exit code}.
-COMMAND_MODULES = ("fluxframe.safety.cli", "fluxframe.provenance.cli", "fluxframe.demo.cli")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, host=None) -> int:
+    """Run one command; ``host``: the plugin host whose commands join the parser (tests pass their own)."""
+    parser = build_parser(host)
     args = parser.parse_args(argv)
     # An argument that is not valid UTF-8 reaches Python as lone surrogates: print such paths as their bytes
     # rather than fail after the work is done.
@@ -233,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return COMMANDS[args.command](args)
+        return getattr(args, RUN)(args)
     except Blocked as exc:
         if exc.decision is not None:
             for verdict in exc.decision.verdicts:

@@ -87,6 +87,7 @@ def diffusers_flux2_folder(tmp_path_factory, tiny_text_encoder_dirs):
 def host():
     """A plugin host with only the built-ins, registered in code (installed third-party plugins never leak in)."""
     import fluxframe.conditioning as conditioning
+    import fluxframe.demo as demo
     import fluxframe.provenance as provenance
     import fluxframe.safety as safety
     from fluxframe.core.plugins import PluginHost
@@ -94,7 +95,8 @@ def host():
 
     h = PluginHost(load_entry_points=False)
     for name, module in (("flux2", flux2), ("flex2", flex2), ("memory", memory), ("samplers", samplers),
-                         ("safety", safety), ("provenance", provenance), ("conditioning", conditioning)):
+                         ("safety", safety), ("provenance", provenance), ("conditioning", conditioning),
+                         ("demo", demo)):
         h.add(module, name=name, source="fluxframe (test)", builtin=True)
     return h
 

@@ -218,7 +218,7 @@ def test_stop_outside_0_1(pipeline, pictures, flex2_folder, host, value):
     assert err.value.field == "conditioning.control.stop"
     with pytest.raises(ConfigError, match="control: stop must be") as err:
         api.check_config(_config(flex2_folder, [{"name": "control", "stop": value}]), host=host)
-    assert err.value.key == "conditioners.0"
+    assert err.value.key == "conditioners.0.stop"
 
 
 def test_half_an_inpaint_and_unknown_inputs(pipeline, pictures):

@@ -80,7 +80,7 @@ def test_installed_example_runs_from_config(installed, folder):
 def test_bad_example_option_names_conditioner_and_option(installed, folder):
     with pytest.raises(ConfigError, match="palette: colors") as err:
         api.check_config(_config(folder, conditioners=[{"name": "palette", "colors": ["not-a-colour"]}]))
-    assert err.value.key == "conditioners.0"
+    assert err.value.key == "conditioners.0.colors"
 
 
 def test_cli_conditioning_flags(folder, tmp_path, capsys):

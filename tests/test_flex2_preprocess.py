@@ -86,7 +86,7 @@ def test_missing_estimator_file_names_the_option(tmp_path, host):
     config = api.load_config(tmp_path / "deploy.toml")
     with pytest.raises(ConfigError, match=f"control: pose_model '{tmp_path / 'nowhere.onnx'}' does not exist") as err:
         build_conditioners(config, host)
-    assert err.value.key == "conditioners.0"
+    assert err.value.key == "conditioners.0.pose_model"
     (tmp_path / "nowhere.onnx").write_bytes(b"")  # found beside the config, whatever the working directory
     assert build_conditioners(config, host)["control"].models["pose"] == tmp_path / "nowhere.onnx"
 

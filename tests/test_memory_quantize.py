@@ -186,10 +186,10 @@ def test_quantize_config_errors(diffusers_flux2_folder, host):
 
     with pytest.raises(ConfigError) as err:
         check({"format": "int4"})
-    assert err.value.key == "memory.quantize" and "format" in str(err.value)
+    assert err.value.key == "memory.quantize.format"
     with pytest.raises(ConfigError) as err:
         check({"format": "nf4", "group_size": 33})
-    assert "group_size" in str(err.value)
+    assert err.value.key == "memory.quantize.group_size"
     with pytest.raises(ConfigError) as err:
         check({"bits": 8})
     assert err.value.key == "memory.quantize.bits"

@@ -2,6 +2,8 @@
 
 Unknown keys and wrong types are errors naming the key path (``sampler.steps``). Relative paths
 are resolved against the config file's folder, so a config works from any working directory.
+Plugin options (the tables of conditioners, memory strategies, filters, postprocessors) are checked against
+each plugin's factory when it is built: see fluxframe.core.options.
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ class C2PASettings(_Section):
 
 
 class ProvenanceSection(_Section):
+    """The built-in postprocessors' option tables: present = enabled (see fluxframe.core.pipeline)."""
+
     watermark: WatermarkSettings | None = None
     c2pa: C2PASettings | None = None
 
@@ -213,6 +217,8 @@ class Config(_Section):
     lora: list[LoraSettings] = []
     safety: SafetySection | None = None
     provenance: ProvenanceSection | None = None
+    # [postprocessors.NAME]: a third-party postprocessor enabled, with its options (the built-ins' are [provenance])
+    postprocessors: dict[str, dict[str, Any]] = {}
     # Where the file was read from; relative paths resolve against its folder.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field("<config>", exclude=True)

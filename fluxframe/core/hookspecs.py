@@ -40,3 +40,8 @@ def register_filters(register):
 @hookspec
 def register_memory_strategies(register):
     """Register memory strategies: ``register(name, factory)``; ``factory(**options)`` returns a MemoryStrategy."""
+
+
+@hookspec
+def register_commands(register):
+    """Register CLI commands: ``register(name, setup, run, **parser_options)``; ``run(args)`` returns the exit code."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import logging
 import secrets
 import time
@@ -36,6 +35,7 @@ from fluxframe.core.interfaces import (
     Postprocessor,
     Sampler,
 )
+from fluxframe.core.options import instantiate
 from fluxframe.core.output import (
     OutputGuard,
     check_folder,
@@ -51,7 +51,7 @@ from fluxframe.errors import (
     ConfigError,
     FluxframeError,
     OutputError,
-    ProvenanceError,
+    PluginError,
     RequestError,
     SafetyError,
 )
@@ -112,7 +112,7 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
     audit = audit_log_for(config)  # its key variable must be set
     if audit is not None and audit.path.parent.is_dir():  # a missing folder is made at start-up
         audit.preflight()
-    SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
+    SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir, source=config.source)
     check_default_size(config, build_postprocessors(config, host))
     guard = build_guard(config)
     if (why := guard.problem(config.output_dir)) is not None:
@@ -152,6 +152,7 @@ def _option_paths(config: Config) -> list[Path]:
     existing path, resolved as the plugin resolves them (against the config's folder)."""
     tables = [s.options for s in (config.safety.filters.values() if config.safety else ())]
     tables += [c.options for c in config.conditioners] + list(config.memory.options.values())
+    tables += [options for options in config.postprocessors.values() if isinstance(options, dict)]
     out = []
     for table in tables:
         values = [v for value in table.values() for v in (value if isinstance(value, list) else [value])]
@@ -207,73 +208,53 @@ def apply_loras(config: Config, model: ModelFamily) -> None:
         raise ConfigError(exc.message, path=exc.path or config.source, key=exc.key) from None
 
 
+# The built-in postprocessors' option tables live under [provenance]; [postprocessors.NAME] holds every other one.
+PROVENANCE_TABLES = ("watermark", "c2pa")
+
+
+def postprocessor_tables(config: Config) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The enabled postprocessors: name -> (the key path of its options, the options). A table present enables
+    its postprocessor: ``[provenance.watermark]``, ``[provenance.c2pa]``, ``[postprocessors.NAME]``."""
+    tables: dict[str, tuple[str, dict[str, Any]]] = {}
+    if config.provenance is not None:
+        for name in PROVENANCE_TABLES:
+            if (section := getattr(config.provenance, name)) is not None:
+                tables[name] = (f"provenance.{name}", section.model_dump())
+    for name, options in config.postprocessors.items():
+        if name in PROVENANCE_TABLES:
+            raise ConfigError(f"the built-in {name} postprocessor is configured in [provenance.{name}]",
+                              path=config.source, key=f"postprocessors.{name}")
+        tables[name] = (f"postprocessors.{name}", options)
+    return tables
+
+
 def build_postprocessors(config: Config, host: PluginHost) -> list[Postprocessor]:
-    """The configured provenance steps; a configured step whose plugin is absent stops start-up."""
-    prov = config.provenance
+    """The enabled postprocessors (see postprocessor_tables), each built with its options, in ascending ``order``
+    (pixel watermarks 100-199 before metadata and signing 200-299); one whose plugin is absent stops start-up."""
     posts: list[Postprocessor] = []
-    if prov is None:
-        return posts
-    if prov.watermark is not None:
-        wm = prov.watermark
-        posts.append(host.get("postprocessor", "watermark").factory(method=wm.method, message=wm.message,
-                                                                  allow_unmarked_small=wm.allow_unmarked_small))
-    if prov.c2pa is not None:
-        c = prov.c2pa
-        posts.append(host.get("postprocessor", "c2pa").factory(
-            certificate=config.resolve(c.certificate), private_key=config.resolve(c.private_key),
-            algorithm=c.algorithm, passphrase_env=c.passphrase_env, timestamp_url=c.timestamp_url,
-            claim_generator=c.claim_generator,
-        ))
+    for name, (key, options) in postprocessor_tables(config).items():
+        registration = host.get("postprocessor", name)
+        post = instantiate(registration.factory, options, key=key, source=config.source, base_dir=config.base_dir)
+        if not all(callable(getattr(post, m, None)) for m in ("process_image", "process_file", "check_size")) \
+                or not isinstance(getattr(post, "order", None), int):
+            raise PluginError(f"postprocessor {name!r} of plugin {registration.plugin!r}: its factory returned "
+                              f"{type(post).__name__}, not a Postprocessor", plugin=registration.plugin)
+        posts.append(post)
     return sorted(posts, key=lambda p: p.order)
-
-
-def instantiate(factory: Any, options: dict[str, Any], *, key: str, source: str, base_dir: Path | None = None) -> Any:
-    """Call a plugin factory with its config options; a bad option is a ConfigError naming the key.
-
-    A factory that declares a ``base_dir`` parameter receives the config file's folder, to resolve
-    relative paths among its options as the rest of the config does."""
-    if base_dir is not None and "base_dir" in _parameters(factory):
-        options = {**options, "base_dir": base_dir}
-    try:
-        return factory(**options)
-    except (ConfigError, SafetyError, ProvenanceError):
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc), path=source, key=key) from None
-
-
-def _parameters(factory: Any) -> set[str]:
-    try:
-        return set(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def build_memory(config: Config, host: PluginHost) -> MemoryStrategy:
     """The [memory] strategy: one strategy, or several composed (see ComposedStrategy), each built with the
-    options in its [memory.NAME] table; an unknown option is a ConfigError naming its key path."""
+    options in its [memory.NAME] table (see fluxframe.core.options)."""
     section = config.memory
     names = section.names
-    for name, options in section.options.items():
+    for name in section.options:
         if name not in names:
             raise ConfigError(f"options for memory strategy {name!r}, which `memory.strategy` does not select",
                               path=config.source, key=f"memory.{name}")
-        if not isinstance(options, dict):
-            raise ConfigError(f"expected a table of options for memory strategy {name!r}", path=config.source,
-                              key=f"memory.{name}")
-    strategies = []
-    for name in names:
-        factory = host.get("memory_strategy", name).factory
-        options = section.options.get(name, {})
-        try:
-            params = inspect.signature(factory).parameters
-        except (TypeError, ValueError):
-            params = None
-        if params is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for key in options:
-                if key not in params:
-                    raise ConfigError("unknown key", path=config.source, key=f"memory.{name}.{key}")
-        strategies.append(instantiate(factory, options, key=f"memory.{name}", source=config.source))
+    strategies = [instantiate(host.get("memory_strategy", name).factory, section.options.get(name, {}),
+                              key=f"memory.{name}", source=config.source, base_dir=config.base_dir)
+                  for name in names]
     if len(strategies) == 1 and strategies[0].placement:
         return strategies[0]
     try:
@@ -373,7 +354,7 @@ class Pipeline:
         try:
             for warning in _check_plugins(config, host):
                 log.warning(warning)
-            policy = SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir)
+            policy = SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir, source=config.source)
         except SafetyError as exc:
             if audit is not None:  # the refusal is part of the record too
                 audit.append({"time": _now(), "event": "start-refused", "fluxframe": __version__,

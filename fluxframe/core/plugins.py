@@ -2,8 +2,11 @@
 
 Built-ins and third-party packages load the same way: entry points in the ``fluxframe`` group.
 A plugin that fails to import is recorded by name and skipped, unless the config requires it;
-a name registered twice is an error naming both plugins. ``FLUXFRAME_TRACE_PLUGINS=1`` prints
-every hook call to stderr.
+a name registered twice is an error naming both plugins. Commands are the exception to "an error": the
+CLI is built from them before any config is read, so a plugin whose ``register_commands`` fails or
+clashes is recorded in ``failures`` and its commands left out, and the rest of the CLI still works.
+Each kind is collected the first time it is asked for, so building the CLI runs no other hook.
+``FLUXFRAME_TRACE_PLUGINS=1`` prints every hook call to stderr.
 """
 
 from __future__ import annotations
@@ -31,7 +34,20 @@ KINDS = {
     "postprocessor": "register_postprocessors",
     "filter": "register_filters",
     "memory_strategy": "register_memory_strategies",
+    "command": "register_commands",
 }
+# Kinds whose failures are recorded per plugin instead of raised (see the module docstring).
+TOLERANT = {"command"}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command a plugin registered: ``setup(parser)`` adds its arguments, ``run(args)`` returns the exit
+    code; ``parser_options`` are argparse ``add_parser`` keywords (help, description, formatter_class)."""
+
+    setup: Any
+    run: Any
+    parser_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,24 +76,37 @@ class PluginInfo:
 
 class _Register:
     """The ``register`` callback one plugin gets in one collector hook; it stamps what it registers with the
-    plugin's name (and says whose it is in ``FLUXFRAME_TRACE_PLUGINS`` output)."""
+    plugin's name (and says whose it is in ``FLUXFRAME_TRACE_PLUGINS`` output). What it takes is staged, and
+    kept only once the plugin's hook has returned."""
 
-    def __init__(self, host: PluginHost, registry: dict[str, dict[str, Registration]], kind: str, plugin: str):
-        self.host, self.registry, self.kind, self.plugin = host, registry, kind, plugin
+    def __init__(self, found: dict[str, Registration], kind: str, plugin: str):
+        self.found, self.kind, self.plugin = found, kind, plugin
+        self.staged: dict[str, Registration] = {}
 
     def __call__(self, name: str, factory: Any) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {self.plugin!r} registered a {self.kind} without a name", plugin=self.plugin)
-        existing = self.registry[self.kind].get(name)
+        existing = self.found.get(name) or self.staged.get(name)
         if existing is not None:
             raise PluginError(f"{self.kind} {name!r} is registered by both {existing.plugin!r} and {self.plugin!r}; "
                               "block one of them in [plugins] block = [...]", plugin=self.plugin)
-        self.registry[self.kind][name] = Registration(self.kind, name, factory, self.plugin)
-        if self.plugin in self.host.info:
-            self.host.info[self.plugin].provides.append(f"{self.kind}:{name}")
+        self.staged[name] = Registration(self.kind, name, factory, self.plugin)
 
     def __repr__(self) -> str:
         return f"<register {self.kind} for plugin {self.plugin!r}>"
+
+
+class _RegisterCommand(_Register):
+    """``register(name, setup, run, **parser_options)`` for ``register_commands``."""
+
+    def __call__(self, name: str, setup: Any, run: Any, **parser_options: Any) -> None:  # type: ignore[override]
+        if not callable(setup) or not callable(run):
+            raise PluginError(f"plugin {self.plugin!r}: command {name!r} needs callables setup(parser) and run(args)",
+                              plugin=self.plugin)
+        if "aliases" in parser_options:  # each name a command answers to is registered, so clashes are seen
+            raise PluginError(f"plugin {self.plugin!r}: command {name!r}: register each name instead of aliases",
+                              plugin=self.plugin)
+        super().__call__(name, Command(setup, run, parser_options))
 
 
 class PluginHost:
@@ -92,7 +121,7 @@ class PluginHost:
         self.required = set(required)
         self.failures: list[LoadFailure] = []
         self.info: dict[str, PluginInfo] = {}
-        self._registry: dict[str, dict[str, Registration]] | None = None
+        self._registry: dict[str, dict[str, Registration]] = {}  # kind -> name -> Registration, as collected
         if os.environ.get("FLUXFRAME_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
@@ -136,49 +165,72 @@ class PluginHost:
                 self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r} is invalid: {exc}", plugin=name) from exc
         self.info[name] = PluginInfo(name, source or getattr(plugin, "__name__", repr(plugin)), builtin)
-        self._registry = None
+        self._forget()
 
     def remove(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
         self.info.pop(name, None)
-        self._registry = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """The plugins changed: collect every kind again when next asked."""
+        self._registry = {}
+        for info in self.info.values():
+            info.provides.clear()
 
     @property
     def registry(self) -> dict[str, dict[str, Registration]]:
         """kind -> name -> Registration, collected from every plugin's hooks (once, then cached)."""
-        if self._registry is None:
-            self._registry = self._collect()
+        for kind in KINDS:
+            self.collect(kind)
         return self._registry
 
-    def _collect(self) -> dict[str, dict[str, Registration]]:
-        registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
-        for info in self.info.values():
-            info.provides.clear()
-        for kind, hook_name in KINDS.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                plugin_name = impl.plugin_name
+    def collect(self, kind: str) -> dict[str, Registration]:
+        """name -> Registration of one kind; its hook runs the first time the kind is asked for."""
+        if kind not in self._registry:
+            self._registry[kind] = self._collect(kind)
+        return self._registry[kind]
 
-                register = _Register(self, registry, kind, plugin_name)
-                # Through pluggy, one plugin at a time: tracing and pluggy's call checks see every call, and the
-                # register callback knows which plugin it stamps.
-                others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
-                try:
-                    self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
-                except PluginError:
+    def _collect(self, kind: str) -> dict[str, Registration]:
+        hook_name = KINDS[kind]
+        found: dict[str, Registration] = {}
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        # built-ins first: where a clash is only recorded (commands), the built-in keeps its name
+        impls = sorted(impls, key=lambda impl: not getattr(self.info.get(impl.plugin_name), "builtin", False))
+        for impl in impls:
+            plugin_name = impl.plugin_name
+            register = (_RegisterCommand if kind == "command" else _Register)(found, kind, plugin_name)
+            # Through pluggy, one plugin at a time: tracing and pluggy's call checks see every call, and the
+            # register callback knows which plugin it stamps.
+            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+            try:
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+            except Exception as exc:
+                failure = exc if isinstance(exc, PluginError) else PluginError(
+                    f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}", plugin=plugin_name)
+                if kind in TOLERANT:
+                    self.record_failure(plugin_name, f"{hook_name}: {failure}")
+                    continue
+                if failure is exc:
                     raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
-                        plugin=plugin_name,
-                    ) from exc
-        return registry
+                raise failure from exc
+            found.update(register.staged)
+            if plugin_name in self.info:
+                self.info[plugin_name].provides += [f"{kind}:{name}" for name in register.staged]
+        return found
+
+    def record_failure(self, plugin: str, error: str) -> None:
+        """Record that a loaded plugin failed at something that must not stop the rest (``fluxframe plugins``
+        lists it)."""
+        info = self.info.get(plugin)
+        self.failures.append(LoadFailure(plugin, info.source if info else plugin, error, traceback.format_exc()))
 
     def get(self, kind: str, name: str) -> Registration:
-        found = self.registry[kind].get(name)
+        found = self.collect(kind).get(name)
         if found is None:
-            known = ", ".join(sorted(self.registry[kind])) or "none"
+            known = ", ".join(sorted(self.collect(kind))) or "none"
             hint = ""
             if any(f.plugin == name for f in self.failures):
                 hint = f" (plugin {name!r} failed to load; see `fluxframe plugins`)"

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxframe.core.interfaces import Filter, Verdict
+from fluxframe.core.options import instantiate
 from fluxframe.errors import ConfigError, FluxframeError, SafetyError
 
 log = logging.getLogger("fluxframe.safety")
@@ -99,15 +99,6 @@ def _call(fn, args: tuple, timeout: float, name: str):
     if "error" in box:
         raise box["error"]
     return box.get("value")
-
-
-def _accepts_base_dir(factory: Any) -> bool:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get("base_dir")
-    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
 
 
 def _looks_like_filter(obj: Any) -> bool:
@@ -185,14 +176,17 @@ class SafetyPolicy:
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, safety, host, *, base_dir: str | Path | None = None) -> SafetyPolicy:
+    def from_config(cls, safety, host, *, base_dir: str | Path | None = None,
+                    source: str | None = None) -> SafetyPolicy:
         """Build from ``[safety]`` (a SafetySection, or None for no filters) and the plugin host.
 
-        A required filter that is not registered, or whose factory raises, is a SafetyError: fluxframe
-        refuses to start. A ConfigError from any filter's options is raised as is. Other failures of a
-        filter that is not required are logged and kept (``error`` set); it then records, never blocks.
-        ``base_dir`` (the config file's folder) is handed to factories that take a ``base_dir`` keyword,
-        so relative paths in filter options resolve like every other path in the config.
+        Each filter is built from the options in its ``[safety.filters.NAME]`` table (every key but the
+        policy's ``action`` and ``timeout``) by fluxframe.core.options.instantiate: ``base_dir`` (the config
+        file's folder) reaches factories that take it, and an unknown key or a bad value is a ConfigError naming
+        ``safety.filters.NAME.KEY`` (``source``: the config file, for the message), required filter or not.
+        A required filter that is not registered, or whose factory fails otherwise, is a SafetyError: fluxframe
+        refuses to start. Other failures of a filter that is not required are logged and kept (``error`` set);
+        it then records, never blocks.
         """
         if safety is None:
             return cls([])
@@ -212,13 +206,9 @@ class SafetyPolicy:
                 entry.error = message
                 continue
             entry.plugin = registration.plugin
-            options = settings.options
-            if "base_dir" in options:
-                raise ConfigError("unknown option", key=f"safety.filters.{name}.base_dir")
-            if base_dir is not None and _accepts_base_dir(registration.factory):
-                options["base_dir"] = base_dir
             try:
-                instance = registration.factory(**options)
+                instance = instantiate(registration.factory, settings.options, key=f"safety.filters.{name}",
+                                       source=source, base_dir=Path(base_dir) if base_dir is not None else None)
                 if not _looks_like_filter(instance):
                     raise TypeError(f"factory returned {type(instance).__name__}, not a Filter")
             except ConfigError:

@@ -1,4 +1,5 @@
-"""The command this package adds to the `fluxframe` CLI: ``train-demo``, which trains the shipped demo model.
+"""The command this package adds to the `fluxframe` CLI through ``register_commands`` (see fluxframe.demo):
+``train-demo``, which trains the shipped demo model.
 
 Nothing heavy is imported until the command runs, so ``fluxframe --help`` stays fast.
 """
@@ -10,16 +11,15 @@ import argparse
 from .options import add_arguments
 
 
-def add_commands(subparsers) -> dict:
-    parser = subparsers.add_parser(
-        "train-demo", help="train the small demo model on the synthetic shapes data set (CPU, about 90 minutes)",
+def register_commands(register) -> None:
+    register(
+        "train-demo", add_arguments, cmd_train_demo,
+        help="train the small demo model on the synthetic shapes data set (CPU, about 90 minutes)",
         description="Render the synthetic shapes data set, train a small FLUX.2 autoencoder, then a small FLUX.2 "
                     "klein-style transformer on it by flow matching, and write a checkpoint folder in the diffusers "
                     "layout that fluxframe loads like any other (models/shapes-v1 was made this way). Resumable: "
                     "run the same command again after an interruption.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return {"train-demo": cmd_train_demo}
 
 
 def cmd_train_demo(args) -> int:

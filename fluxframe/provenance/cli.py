@@ -1,4 +1,5 @@
-"""Commands this layer adds to the `fluxframe` CLI: ``verify`` and ``certs dev``."""
+"""Commands this layer adds to the `fluxframe` CLI through ``register_commands`` (see fluxframe.provenance):
+``verify`` and ``certs dev``."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_commands(subparsers) -> dict:
-    verify = subparsers.add_parser(
-        "verify", help="check an image's C2PA manifest and invisible watermark",
-        description="Validate the C2PA manifest (signature, binding to the pixels, trust of the signer), "
-                    "decode the invisible watermark, and say whether the image was altered since signing. "
-                    "Exit code 0 only when everything checks.")
+def register_commands(register) -> None:
+    register("verify", setup_verify, cmd_verify, help="check an image's C2PA manifest and invisible watermark",
+             description="Validate the C2PA manifest (signature, binding to the pixels, trust of the signer), "
+                         "decode the invisible watermark, and say whether the image was altered since signing. "
+                         "Exit code 0 only when everything checks.")
+    register("certs", setup_certs, cmd_certs, help="signing certificate tools")
+
+
+def setup_verify(verify) -> None:
     verify.add_argument("file", type=Path, metavar="FILE", help="the image (PNG, JPEG or WebP)")
     verify.add_argument("--trust", type=Path, action="append", default=[], metavar="CA.pem",
                         help="a PEM file of CA certificates to trust (repeatable)")
@@ -32,7 +36,8 @@ def add_commands(subparsers) -> dict:
                         "must match")
     verify.add_argument("--json", action="store_true", help="print the full report as JSON")
 
-    certs = subparsers.add_parser("certs", help="signing certificate tools")
+
+def setup_certs(certs) -> None:
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
     dev = certs_sub.add_parser(
         "dev", help="make a local test CA and signing certificate (NOT for production)",
@@ -44,7 +49,6 @@ def add_commands(subparsers) -> dict:
     dev.add_argument("--algorithm", default="es256",
                      choices=("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"))
     dev.add_argument("--force", action="store_true", help="replace existing files")
-    return {"verify": cmd_verify, "certs": cmd_certs}
 
 
 def _configured_messages(config_path: Path) -> dict | None:

@@ -252,6 +252,11 @@ def _tiny_png() -> bytes:
     return buffer.getvalue()
 
 
+def _resolve(path: str | Path, base_dir: Path | None) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or base_dir is None else (Path(base_dir) / path).resolve()
+
+
 class C2PASigner(Postprocessor):
     """Signs every output file with a C2PA manifest (PNG, JPEG, WebP)."""
 
@@ -260,15 +265,16 @@ class C2PASigner(Postprocessor):
 
     def __init__(self, certificate: Path, private_key: Path, algorithm: str = "es256",
                  passphrase_env: str | None = None, timestamp_url: str | None = None,
-                 claim_generator: str | None = None, *, include_prompt: bool = False):
+                 claim_generator: str | None = None, *, include_prompt: bool = False, base_dir: Path | None = None):
+        """``base_dir``: the config file's folder, which relative certificate and key paths are taken from (given
+        by fluxframe's options mechanism, fluxframe.core.options)."""
         from cryptography.hazmat.primitives import serialization
 
         self.algorithm = str(algorithm).lower()
         if self.algorithm not in ALGORITHMS:
             raise ProvenanceError(f"{_ALG_KEY}: unknown signing algorithm {algorithm!r}; "
                                   f"choose one of {', '.join(ALGORITHMS)}")
-        self.certificate = Path(certificate).expanduser()
-        self.private_key = Path(private_key).expanduser()
+        self.certificate, self.private_key = (_resolve(p, base_dir) for p in (certificate, private_key))
         self.passphrase_env = passphrase_env or None
         self.timestamp_url = timestamp_url or None
         self.include_prompt = include_prompt

@@ -2,8 +2,9 @@
 fail closed) and the hash-chained audit log are the core's (fluxframe.core.policy, fluxframe.core.audit): a
 deployment can add, require or configure filters, never replace what runs them.
 
-The filters reach the core the way any plugin's do, through ``register_filters``; their heavy modules
-(onnxruntime, rapidfuzz, transformers) are imported only when a filter is built.
+The filters reach the core the way any plugin's do, through ``register_filters``, and the ``check`` and ``audit``
+commands reach the CLI through ``register_commands``; heavy modules (onnxruntime, rapidfuzz, transformers) are
+imported only when a filter is built.
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ def register_filters(register):
     register("prompt-nsfw", _prompt_nsfw)
     register("image-nsfw", _image_nsfw)
     register("ip", _ip)
+
+
+@hookimpl
+def register_commands(register):
+    """``fluxframe check`` and ``fluxframe audit`` (fluxframe.safety.cli)."""
+    from fluxframe.safety.cli import register_commands as commands
+
+    commands(register)

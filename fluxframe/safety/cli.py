@@ -1,4 +1,4 @@
-"""Commands this layer adds to the `fluxframe` CLI.
+"""Commands this layer adds to the `fluxframe` CLI, through ``register_commands`` (see fluxframe.safety).
 
     fluxframe check --config deploy.toml --prompt TEXT [--negative-prompt TEXT] [--image F ...]
                     [--output-image F] [--json]
@@ -27,8 +27,12 @@ from fluxframe.errors import FluxframeError
 EXIT_BLOCKED = 3
 
 
-def add_commands(subparsers) -> dict:
-    check = subparsers.add_parser("check", help="run the safety filters on a prompt and images, print the verdicts")
+def register_commands(register) -> None:
+    register("check", setup_check, cmd_check, help="run the safety filters on a prompt and images, print the verdicts")
+    register("audit", setup_audit, cmd_audit, help="audit log tools")
+
+
+def setup_check(check) -> None:
     check.add_argument("--config", required=True, type=Path, help="deployment config (TOML) with a [safety] section")
     check.add_argument("--prompt", required=True, help="the prompt to check")
     check.add_argument("--negative-prompt", help="a negative prompt to check too")
@@ -38,7 +42,8 @@ def add_commands(subparsers) -> dict:
                        help="check FILE as a generated output (where blur applies); repeatable")
     check.add_argument("--json", action="store_true", help="print the verdicts as JSON")
 
-    audit = subparsers.add_parser("audit", help="audit log tools")
+
+def setup_audit(audit) -> None:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     verify = audit_sub.add_parser("verify", help="check an audit log's hash chain and head")
     verify.add_argument("log", type=Path, nargs="?", help="the log (default: the config's [safety] audit_log)")
@@ -60,7 +65,6 @@ def add_commands(subparsers) -> dict:
     reanchor.add_argument("--discard-incomplete-tail", action="store_true",
                           help="cut off a last line without its newline (a write cut short); its length, hash and "
                                "text go into the re-anchor line")
-    return {"check": cmd_check, "audit": cmd_audit}
 
 
 def _host(config):
@@ -84,7 +88,8 @@ def cmd_check(args) -> int:
         from fluxframe.core.policy import SafetyPolicy
 
         config = load_config(args.config)
-        policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir)
+        policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir,
+                                           source=config.source)
         prompts = {"prompt": args.prompt}
         if args.negative_prompt is not None:
             prompts["negative_prompt"] = args.negative_prompt
