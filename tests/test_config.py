@@ -80,11 +80,14 @@ def test_check_names_unknown_family_sampler_and_missing_checkpoint(tmp_path, hos
 
 
 def example_configs() -> list[tuple[str, str]]:
-    """(name, text): the README's config examples (TOML blocks with a [model] table) and the shipped configs/."""
-    blocks = [b for b in re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S) if "[model]" in b]
-    assert blocks, "the README shows no config example"
-    shipped = [(p.name, p.read_text()) for p in sorted((README.parent / "configs").glob("*.toml"))]
-    return [(f"README block {i}", b) for i, b in enumerate(blocks)] + shipped
+    """(name, text): the config examples of the README and the docs (TOML blocks with a [model] table) and the
+    shipped configs/."""
+    out = []
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        blocks = [b for b in re.findall(r"```toml\n(.*?)```", page.read_text(), flags=re.S) if "[model]" in b]
+        assert blocks or page != README, "the README shows no config example"
+        out += [(f"{page.name} block {i}", b) for i, b in enumerate(blocks)]
+    return out + [(p.name, p.read_text()) for p in sorted((README.parent / "configs").glob("*.toml"))]
 
 
 def write_single_files(dit, ae):
@@ -125,8 +128,10 @@ def provide_files(config, checkpoint):
                 path.mkdir(parents=True) if key.endswith("_dir") else path.write_text("Example Name\n")
 
 
-def test_readme_and_shipped_configs_pass_config_check(tmp_path, host, diffusers_flux2_folder):
-    """Every config example validates and passes `config check`, given the files it points at."""
+def test_readme_and_shipped_configs_pass_config_check(tmp_path, host, diffusers_flux2_folder, monkeypatch):
+    """Every config example validates and passes `config check`, given the files it points at (and the audit key
+    variable the README's example names)."""
+    monkeypatch.setenv("FLUXFRAME_AUDIT_KEY", "an example key")
     examples = example_configs()
     assert len(examples) >= 2
     for i, (name, text) in enumerate(examples):
