@@ -68,13 +68,13 @@ def test_padding_weighted_attention_stands_for_all_the_padding():
     keep = torch.arange(prompt + sampled)
     bias = torch.zeros(len(keep) + 16)
     bias[prompt:len(keep)] = math.log((total - prompt) / sampled)
-    plain_attention = dit._attention
+    plain_attention = dit.attention
     with torch.no_grad():
         full = model(x, image_ids(4, 4), text, ids, sigma)
         with padding_weighted(bias):
             weighted = model(x, image_ids(4, 4), text[:, keep], ids[keep], sigma)
         unweighted = model(x, image_ids(4, 4), text[:, keep], ids[keep], sigma)
-    assert dit._attention is plain_attention  # restored
+    assert dit.attention is plain_attention  # restored
     rel = lambda a: float((a - full).norm() / full.norm())  # noqa: E731
     print(f"\nweighted {rel(weighted):.1e}, unweighted {rel(unweighted):.1e}")
     assert rel(weighted) < 1e-5 < 1e-3 < rel(unweighted), (rel(weighted), rel(unweighted))

@@ -482,16 +482,16 @@ def padding_weighted(bias: torch.Tensor):
     dilute, and meets one that ~490 dilute."""
     from fluxframe.plugins.flux2 import transformer as dit
 
-    plain = dit._attention
+    plain = dit.attention
 
     def weighted(q, k, v, rope, q_rope=None):
         return plain(q, k, v, rope, q_rope, attn_mask=bias.to(q.dtype).view(1, 1, 1, -1))
 
-    dit._attention = weighted
+    dit.attention = weighted
     try:
         yield
     finally:
-        dit._attention = plain
+        dit.attention = plain
 
 
 def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed: int, latents: torch.Tensor,

@@ -27,8 +27,8 @@ from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
-from fluxframe.plugins.flux2.bounds import text_encoder_config
-from fluxframe.plugins.flux2.family import DTYPES, _read_json, resolve_device
+from fluxframe.plugins.common.bounds import read_json, text_encoder_config
+from fluxframe.plugins.common.loading import DTYPES, resolve_device
 from fluxframe.plugins.lora import LoraSupport
 
 from . import keymap
@@ -101,7 +101,7 @@ def transformer_config(source: Path, ckpt: SafetensorsCheckpoint) -> tuple[Flux1
     prefix = _layout(ckpt)
     if prefix is None:
         folder = source if source.is_dir() else source.parent
-        config = Flux1Config.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+        config = Flux1Config.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
     else:
         config = keymap.config_from_shapes(ckpt, prefix, source=str(source))
     if config.in_channels not in (64, FLEX2_CHANNELS):
@@ -123,7 +123,7 @@ def load_transformer(source: Path, dtype, device, memory: MemoryStrategy | None 
 
 
 def autoencoder_config(folder: Path) -> Flux1AutoencoderConfig:
-    return Flux1AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    return Flux1AutoencoderConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
 
 
 def check_pair(transformer: Flux1Config, vae: Flux1AutoencoderConfig, folder: Path) -> None:
@@ -158,7 +158,7 @@ def locate(path: Path) -> tuple[Path, Path]:
         if not index.is_file():
             raise CheckpointError("model_index.json is missing: not a diffusers-layout folder (for the original "
                                   "single-file layout, give the .safetensors file as the path)", file=str(index))
-        _read_json(index)
+        read_json(index)
         if not transformer.is_dir():
             raise CheckpointError("component folder transformer/ is missing", file=str(transformer))
         resolve_weight_files(transformer)
@@ -198,7 +198,7 @@ class Flex2(LoraSupport, ModelFamily):
         defaults = dict(base_seq=BASE_SEQ, max_seq=MAX_SEQ, base_shift=BASE_SHIFT, max_shift=MAX_SHIFT)
         if not file.is_file():
             return defaults
-        data = _read_json(file)
+        data = read_json(file)
         names = dict(base_seq="base_image_seq_len", max_seq="max_image_seq_len", base_shift="base_shift",
                      max_shift="max_shift")
         return {k: data.get(names[k], v) if data.get(names[k]) is not None else v for k, v in defaults.items()}
