@@ -102,12 +102,13 @@ class DoubleBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, heads, eps)
         self.txt_mlp = _mlp(dim, hidden)
 
-    def forward(self, img, txt, img_mod, txt_mod, rope):
+    def forward(self, img, txt, img_mod, txt_mod, rope, attn_mask=None):
         (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = img_mod
         (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = txt_mod
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, self.eps))
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
-        attn = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
+        attn = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope,
+                         attn_mask=attn_mask)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_attn))
@@ -130,7 +131,7 @@ class SingleBlock(nn.Module):
         self.norm = QKNorm(dim // heads, eps)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, rope, skip: int = 0):
+    def forward(self, x, mod, rope, skip: int = 0, attn_mask=None):
         """skip > 0 returns only tokens skip: onwards (the last block, whose text outputs nobody reads):
         the skipped tokens still serve as keys and values, but get no queries, MLP or output projection.
 
@@ -147,7 +148,7 @@ class SingleBlock(nn.Module):
             mlp = mlp[:, skip:]
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q_rope = tuple(r[skip:] for r in rope) if skip else None
-        attn = attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope)
+        attn = attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope, attn_mask)
         if w2 is not None:
             out = F.linear(attn, w2[:, :dim])
             out.view(-1, dim).addmm_(self.mlp_act(mlp).flatten(0, -2), w2[:, dim:].t())
@@ -224,11 +225,15 @@ class Flux2Transformer(nn.Module):
         txt_ids: torch.Tensor,
         timesteps: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), ids (N, 4) / (L, 4),
-        timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out)."""
+        timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out).
+        ``attn_bias`` (L + N,), if given, is added to every attention's logits per key (text keys first, then
+        image keys, as the blocks order them); training uses it to let sampled padding keys stand for all."""
         dtype = self.dtype
         cfg = self.config
+        mask = None if attn_bias is None else attn_bias.to(dtype).view(1, 1, 1, -1)
         vec = self.time_in(timestep_embedding(timesteps, cfg.timestep_guidance_channels).to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -242,11 +247,11 @@ class Flux2Transformer(nn.Module):
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         for block in self.double_blocks:
-            img, txt = block(img, txt, img_mod, txt_mod, rope)
+            img, txt = block(img, txt, img_mod, txt_mod, rope, mask)
 
         x = torch.cat([txt, img], dim=1)
         (single_mod,) = self.single_stream_modulation(vec)
         for i, block in enumerate(self.single_blocks):
             last = i == len(self.single_blocks) - 1
-            x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0)
+            x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0, attn_mask=mask)
         return self.final_layer(x if self.single_blocks else x[:, txt.shape[1] :], vec, cfg.eps)
