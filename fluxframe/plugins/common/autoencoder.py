@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,6 +88,11 @@ class AutoencoderConfig:
             if channels % config.norm_num_groups:
                 raise fail("norm_num_groups", f"{config.norm_num_groups} groups do not divide {channels} channels")
         return config
+
+    @classmethod
+    def read(cls, folder: Path) -> AutoencoderConfig:
+        """From a diffusers ``vae/`` folder's config.json (size-capped, checked as ``from_dict`` checks)."""
+        return cls.from_dict(bounds.read_json(folder / "config.json"), source=str(folder / "config.json"))
 
     def check_sizes(self, source: str, names: dict[str, str] | None = None) -> AutoencoderConfig:
         """Itself, if every size is within sane bounds (see bounds.py), else a CheckpointError naming ``source``

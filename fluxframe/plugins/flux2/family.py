@@ -79,19 +79,11 @@ def check_files(folder: Path) -> None:
     """What ``check_folder`` leaves to loading, still without reading weights: every config.json within sane
     bounds, and every weight file (transformer, vae, text encoder; shards of an index too) as long as its
     header says, so a truncated download is refused by `config check`, not after minutes of loading."""
-    read_transformer_config(folder / "transformer")
-    read_autoencoder_config(folder / "vae")
+    TransformerConfig.read(folder / "transformer")
+    AutoencoderConfig.read(folder / "vae")
     bounds.text_encoder_config(folder / "text_encoder")
     for component in ("transformer", "vae", "text_encoder"):
         check_weight_files(folder / component)
-
-
-def read_transformer_config(folder: Path) -> TransformerConfig:
-    return TransformerConfig.from_dict(bounds.read_json(folder / "config.json"), source=str(folder / "config.json"))
-
-
-def read_autoencoder_config(folder: Path) -> AutoencoderConfig:
-    return AutoencoderConfig.from_dict(bounds.read_json(folder / "config.json"), source=str(folder / "config.json"))
 
 
 def model_limits(transformer: TransformerConfig, vae: AutoencoderConfig) -> ModelLimits:
@@ -142,14 +134,14 @@ def is_base_model(folder: Path, guidance_embeds: bool) -> bool:
 def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device,
                      memory: MemoryStrategy | None = None) -> Flux2Transformer:
     """The DiT of a diffusers transformer/ folder; ``memory``'s while_loading hook (quantize) runs as it loads."""
-    config = read_transformer_config(folder)
+    config = TransformerConfig.read(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Transformer(config), ckpt, what="transformer", memory=memory,
                               key_map=keymap.from_diffusers(config), dtype=dtype, device=device)
 
 
 def load_autoencoder(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Autoencoder:
-    config = read_autoencoder_config(folder)
+    config = AutoencoderConfig.read(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
@@ -234,14 +226,14 @@ class Flux2(LoraSupport, ModelFamily):
         """The ``limits`` the loaded model will have, from config files and headers alone: a preset's own
         definition (or its folder, once built), a single file's tensor shapes, a folder's config.json files."""
         if config.model.preset is not None:
-            from .presets import preset_limits
+            from .presets import preset_configs
 
-            return preset_limits(cls._preset(config))
+            return model_limits(*preset_configs(cls._preset(config)))
         if single_file.is_single_file(config):
             return model_limits(*single_file.configs(config))
         check_folder(config.model_path)
-        return model_limits(read_transformer_config(config.model_path / "transformer"),
-                            read_autoencoder_config(config.model_path / "vae"))
+        return model_limits(TransformerConfig.read(config.model_path / "transformer"),
+                            AutoencoderConfig.read(config.model_path / "vae"))
 
     @classmethod
     def load(cls, config, memory):

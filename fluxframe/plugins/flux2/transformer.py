@@ -9,12 +9,14 @@ RoPE table per forward keep the number of kernel launches low.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fluxframe.errors import CheckpointError
+from fluxframe.plugins.common import bounds
 from fluxframe.plugins.common.dit import (
     DiTShape,
     QKNorm,
@@ -56,6 +58,11 @@ class TransformerConfig(DiTShape):
                 key="axes_dims_rope",
             )
         return config
+
+    @classmethod
+    def read(cls, folder: Path) -> TransformerConfig:
+        """From a diffusers ``transformer/`` folder's config.json (size-capped, checked as ``from_dict`` checks)."""
+        return cls.from_dict(bounds.read_json(folder / "config.json"), source=str(folder / "config.json"))
 
     def to_dict(self) -> dict:
         d = {"_class_name": "Flux2Transformer2DModel"}
