@@ -347,7 +347,7 @@ def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, b
 def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.Tensor:
     """Set the BN statistics from the patchified latents of all images; returns the normalised latents
     (N, 128, h, w)."""
-    from fluxframe.plugins.flux2.autoencoder import _patchify
+    from fluxframe.plugins.flux2.autoencoder import patchify
 
     path = work / "latents.pt"
     if path.exists():
@@ -357,7 +357,7 @@ def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.T
         return saved["latents"]
     started = time.time()
     lc, p = vae.config.latent_channels, vae.config.patch_size[0]
-    raw = torch.cat([_patchify(vae.encode_moments(to_unit(images[i:i + 32]))[:, :lc], p)
+    raw = torch.cat([patchify(vae.encode_moments(to_unit(images[i:i + 32]))[:, :lc], p)
                      for i in range(0, len(images), 32)])
     mean, var = raw.mean(dim=(0, 2, 3)), raw.var(dim=(0, 2, 3))
     vae.bn.running_mean.copy_(mean)

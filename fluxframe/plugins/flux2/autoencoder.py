@@ -49,13 +49,13 @@ class Flux2Autoencoder(nn.Module):
         if images.ndim != 4 or images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"expected (B, C, H, W) images with H and W multiples of {f}, got {tuple(images.shape)}")
         mean = self.encode_moments(images)[:, : self.config.latent_channels]  # posterior mode; no sampling
-        z = _patchify(mean, self.config.patch_size[0])
+        z = patchify(mean, self.config.patch_size[0])
         shift, scale = self._bn_stats()
         return ((z.float() - shift) / scale).to(z.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         shift, scale = self._bn_stats()
-        z = _unpatchify((latents.float() * scale + shift).to(self.dtype), self.config.patch_size[0])
+        z = unpatchify((latents.float() * scale + shift).to(self.dtype), self.config.patch_size[0])
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -67,13 +67,13 @@ class Flux2Autoencoder(nn.Module):
         return mean, std
 
 
-def _patchify(z: Tensor, p: int) -> Tensor:
+def patchify(z: Tensor, p: int) -> Tensor:
     """(B, C, H, W) -> (B, C*p*p, H/p, W/p), channel order (c, pi, pj) as in diffusers' Flux2 pipeline."""
     b, c, h, w = z.shape
     return z.view(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
 
 
-def _unpatchify(z: Tensor, p: int) -> Tensor:
+def unpatchify(z: Tensor, p: int) -> Tensor:
     b, cpp, h, w = z.shape
     c = cpp // (p * p)
     return z.reshape(b, c, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * p, w * p)
