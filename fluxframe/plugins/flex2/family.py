@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
-from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
+from fluxframe.core.interfaces import ChannelConditioned, MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
 from fluxframe.plugins.common.bounds import read_json, text_encoder_config
@@ -176,7 +177,7 @@ def fingerprint(transformer: Path, folder: Path) -> str:
     return checkpoint_fingerprint(transformer, *(folder / c for c in ("vae", "text_encoder", "text_encoder_2")))
 
 
-class Flex2(LoraSupport, ModelFamily):
+class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
     """Flex.2 (196 input channels: inpainting and universal control built in) or plain Flux.1 (64)."""
 
     name = "flex2"
@@ -278,13 +279,17 @@ class Flex2(LoraSupport, ModelFamily):
         return Flux1Text(embeds=embeds.to(self.device, self.dtype), ids=text_ids(embeds.shape[1]),
                          pooled=pooled.to(self.device, self.dtype))
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
+    @property
+    def channel_groups(self) -> dict[str, int]:
+        return dict(FLEX2_GROUPS) if self.takes_conditioning else {}
+
+    def token_grid(self, width: int, height: int) -> tuple[int, int]:
         return height // self.limits.pixel_multiple, width // self.limits.pixel_multiple
 
     def initial_noise(self, seed: int, width: int, height: int) -> Latents:
         # As diffusers' FluxPipeline draws it: its own CPU generator, (1, 16, 2h, 2w), then packed 2×2.
         # Nothing else draws from this generator, so the noise never depends on the conditioning given.
-        grid = self.grid(width, height)
+        grid = self.token_grid(width, height)
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn((1, self.vae.latent_channels, 2 * grid[0], 2 * grid[1]), generator=generator,
                             dtype=self.dtype)
@@ -338,6 +343,16 @@ class Flex2(LoraSupport, ModelFamily):
         them at latent resolution). ``generator`` samples the posterior; without one, its mean is used."""
         with self.memory.using("vae", self.vae, self.device):
             return self.vae.encode(images.to(self.device, self.dtype), generator)
+
+    def encode_tokens(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return pack(self.encode_latents(images, generator))
+
+    def mask_tokens(self, mask: torch.Tensor, width: int, height: int, *, per_channel: bool = False) -> torch.Tensor:
+        # A token is 2×2 latent pixels: the mask goes to latent resolution, then packs as the latents do.
+        rows, cols = self.token_grid(width, height)
+        m = F.interpolate(mask, size=(2 * rows, 2 * cols), mode="bilinear", align_corners=False)
+        m = m.to(self.device, self.dtype)
+        return pack(m.expand(-1, self.vae.latent_channels, -1, -1) if per_channel else m)
 
     def encode_image(self, images: torch.Tensor) -> Latents:
         latents = self.encode_latents(images)
