@@ -25,6 +25,10 @@ _IGNORED_KEYS = {"sample_size", "force_upcast", "scaling_factor", "shift_factor"
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
+    """Shape of the autoencoder, fields as diffusers' config.json names them. Defaults are FLUX.2's; the batch
+    norm and patch fields are FLUX.2's alone (Flux.1's autoencoder wraps this as ``Flux1AutoencoderConfig.blocks``
+    and leaves them at their defaults)."""
+
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
