@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from fluxframe.core.checkpoint import PICKLE_SUFFIXES
 from fluxframe.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_device(name: str) -> torch.device:
