@@ -253,5 +253,12 @@ def test_flex2_conditioners_refused_on_flux2(diffusers_flux2_folder, host):
 def test_plain_flux1_refuses_inpaint(tmp_path_factory, pictures, host):
     folder = build_flux_folder(tmp_path_factory.mktemp("flux1-cond"), in_channels=64)
     pipe = api.load(_config(folder), host=host)
-    with pytest.raises(RequestError, match="plain Flux.1 model \\(64 input channels\\): it cannot use inpaint, mask"):
+    with pytest.raises(RequestError, match="inpaint conditioner fills the inpaint, mask channels, which this flex2 "
+                                           "checkpoint does not take \\(its channel groups: none\\)") as err:
         run(pipe, {"inpaint": {"image": pictures["image"], "mask": pictures["mask"]}}, steps=1)
+    assert err.value.field == "conditioning.inpaint"
+    from fluxframe.core.types import Conditioning
+
+    # the family refuses channels set behind the conditioners' back too
+    with pytest.raises(RequestError, match="plain Flux.1 model \\(64 input channels\\): it cannot use mask"):
+        pipe.stages.model.model_input(torch.zeros(1, 192, 64), Conditioning(channels={"mask": torch.ones(1, 192, 4)}))

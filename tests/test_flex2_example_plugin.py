@@ -68,10 +68,10 @@ def test_installed_example_runs_from_config(installed, folder):
         del model.transformer.forward
     layout = Image.new("RGB", (W, H), "#0000ff")
     layout.paste((255, 0, 0), (0, 0, W // 2, H))
-    from fluxframe.conditioning.preprocess import rgb_tensor
+    from fluxframe.core.images import from_pil
     from fluxframe.plugins.flex2.family import pack
 
-    expected = pack(model.encode_latents(rgb_tensor(layout))) * 0.8
+    expected = pack(model.encode_latents(from_pil(layout))) * 0.8
     assert torch.allclose(seen[0][..., 132:], expected, atol=1e-6)
     assert torch.equal(seen[1][..., 132:], torch.zeros_like(expected))  # stop 0.5 of 2 steps
     assert result.image.size == (W, H)

@@ -9,7 +9,8 @@ from flex2_helpers import build_flux_folder, write_reduce_mean_onnx
 from PIL import Image
 
 from fluxframe import api
-from fluxframe.conditioning.preprocess import PREPROCESSORS, OnnxEstimator, line, rgb_tensor
+from fluxframe.conditioning.preprocess import PREPROCESSORS, OnnxEstimator, line
+from fluxframe.core.images import from_pil
 from fluxframe.errors import ConfigError
 
 W, H = 64, 48
@@ -73,7 +74,7 @@ def test_depth_from_config_feeds_the_control_channels(tmp_path_factory, host):
     from fluxframe.plugins.flex2.family import pack
 
     depth = OnnxEstimator(root / "depth.onnx", kind="depth")(photo())
-    expected = pack(model.encode_latents(rgb_tensor(depth))) * 0.5
+    expected = pack(model.encode_latents(from_pil(depth))) * 0.5
     assert torch.allclose(seen[0][..., 132:], expected, atol=1e-6)
 
 

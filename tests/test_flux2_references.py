@@ -112,9 +112,9 @@ def test_preprocessing_matches_diffusers():
             img = processor._resize_to_target_area(img, 1024 * 1024)
         ww, hh = img.width // 16 * 16, img.height // 16 * 16
         theirs = processor.preprocess(img, height=hh, width=ww, resize_mode="crop")
-        from fluxframe.conditioning.reference import to_tensor
+        from fluxframe.core.images import from_pil
 
-        ours = to_tensor(prepare_reference(src, 16))
+        ours = from_pil(prepare_reference(src, 16))
         assert ours.shape == theirs.shape and torch.equal(ours, theirs)
 
 

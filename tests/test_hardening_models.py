@@ -25,10 +25,11 @@ from fluxframe import api
 from fluxframe.cli import main
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, save_sharded
 from fluxframe.errors import CheckpointError
+from fluxframe.plugins.common import bounds
 from fluxframe.plugins.flex2 import family as flex2_family
 from fluxframe.plugins.flex2.family import Flex2
-from fluxframe.plugins.flux2 import bounds, single_file
 from fluxframe.plugins.flux2 import family as flux2_family
+from fluxframe.plugins.flux2 import single_file
 from fluxframe.plugins.flux2.autoencoder import AutoencoderConfig, Flux2Autoencoder
 from fluxframe.plugins.flux2.family import Flux2
 from fluxframe.plugins.flux2.transformer import Flux2Transformer, TransformerConfig

@@ -1,8 +1,10 @@
-"""Flex.2 universal control: a line, pose or depth map steering the layout, as the model's control channels.
+"""Universal control: a line, pose or depth map steering the layout, as the model's "control" channels.
 
-The control image is preprocessed (``kind``: "map" = use as given, "line" = OpenCV edges of a photo, "depth" /
-"pose" = an ONNX estimator from the config; see ``preprocess.py``), resized to the output size, VAE-encoded,
-normalised and multiplied by ``strength``; it fills channels 132–195 of every token. ``stop`` ∈ [0, 1]: steps
+Works with any model family that is ``ChannelConditioned`` with a "control" group (Flex.2: channels 132–195 of
+every token) and uses nothing else of it. The control image is preprocessed (``kind``: "map" = use as given,
+"line" = OpenCV edges of a photo, "depth" / "pose" = an ONNX estimator from the config; see ``preprocess.py``),
+resized to the output size, encoded into the model's token layout (``encode_tokens``: VAE-encoded, normalised,
+packed) and multiplied by ``strength``. ``stop`` ∈ [0, 1]: steps
 i < int(N·stop) see the control, later ones see the control channels zeroed (inpaint and mask stay). Strength 0
 gives exactly the input without control; without this conditioner the control channels are zeros (not the
 encoding of a black image). Works with or without ``inpaint``.
@@ -15,51 +17,23 @@ all but the image default to the conditioner's options. Options (``[[conditioner
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.channels import ChannelStop, check_stop, check_strength, require_channels
 from fluxframe.core.images import open_image
 from fluxframe.core.interfaces import Conditioner
 from fluxframe.errors import RequestError
 
 from .inpaint import check_posterior, posterior_generator
-from .preprocess import PREPROCESSORS, fit, rgb_tensor
+from .preprocess import PREPROCESSORS, fit
 
 FIELD = "conditioning.control"
 SEED_OFFSET = 0xC0271
 
 
-def _number(name: str, value: Any, low: float, high: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"control: {name} must be a number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
-        raise ValueError(f"control: {name} must be {bounds}, got {value!r}")
-    return float(value)
-
-
-def check_strength(value: Any) -> float:
-    return _number("strength", value, 0.0, None)
-
-
-def check_stop(value: Any) -> float:
-    return _number("stop", value, 0.0, 1.0)
-
-
-class ControlStop:
-    """A step hook: the control channels for steps before int(N·stop), zeros after."""
-
-    def __init__(self, control, stop: float):
-        self.control, self.stop = control, stop
-
-    def __call__(self, step: int, num_steps: int, conditioning) -> None:
-        on = step < int(num_steps * self.stop)
-        conditioning.channels["control"] = self.control if on else self.control.new_zeros(self.control.shape)
-
-
 class ControlConditioner(Conditioner):
-    """``control``: Flex.2's control channels (see the module docstring)."""
+    """``control``: the control channels (see the module docstring)."""
 
     name = "control"
     families = ("flex2",)
@@ -69,7 +43,7 @@ class ControlConditioner(Conditioner):
                  pose_model: str | None = None, line_low: int = 100, line_high: int = 200, posterior: str = "mode",
                  base_dir: Path | None = None):
         self.kind = self._check_kind(kind, ValueError)
-        self.strength, self.stop = check_strength(strength), check_stop(stop)
+        self.strength, self.stop = check_strength(strength, self.name), check_stop(stop, self.name)
         self.posterior = check_posterior(self.name, posterior)
         # relative model paths resolve against the config file's folder, like every path in a config
         self.models = {k: None if p is None else (Path(base_dir or ".") / Path(p).expanduser())
@@ -104,7 +78,7 @@ class ControlConditioner(Conditioner):
         out = {"kind": self._check_kind(inputs.get("kind", self.kind), RequestError)}
         for key, check, default in (("strength", check_strength, self.strength), ("stop", check_stop, self.stop)):
             try:
-                out[key] = check(inputs.get(key, default))
+                out[key] = check(inputs.get(key, default), self.name)
             except ValueError as exc:
                 raise RequestError(str(exc), field=f"{FIELD}.{key}") from None
         return out
@@ -123,21 +97,24 @@ class ControlConditioner(Conditioner):
     def prepare(self, model, request, inputs, conditioning) -> None:
         if not inputs:
             return
-        from fluxframe.plugins.flex2.family import pack
+        import torch
 
+        from fluxframe.core.images import from_pil
+
+        model = require_channels(model, self.name, "control")
         if "control" in conditioning.channels:
             raise RequestError("the control channels were already set by another conditioner", field=FIELD)
         control_map, settings = self.control_image(inputs)
         notes: list[str] = []
         control_map = fit(control_map, request.width, request.height, f"{FIELD}.image", notes)
         if settings["strength"] == 0.0:  # exactly the no-control input, without running the VAE
-            grid = model.grid(request.width, request.height)
-            control = model.transformer.img_in.weight.new_zeros((1, grid[0] * grid[1], 64))
+            rows, cols = model.token_grid(request.width, request.height)
+            control = torch.zeros((1, rows * cols, model.channel_groups["control"]))
         else:
-            latents = model.encode_latents(rgb_tensor(control_map),
-                                           posterior_generator(self.posterior, request.seed, SEED_OFFSET))
-            control = pack(latents) * settings["strength"]
+            control = model.encode_tokens(from_pil(control_map),
+                                          posterior_generator(self.posterior, request.seed, SEED_OFFSET))
+            control = control * settings["strength"]
         conditioning.channels["control"] = control
-        conditioning.step_hooks.append(ControlStop(control, settings["stop"]))
+        conditioning.step_hooks.append(ChannelStop("control", control, settings["stop"]))
         conditioning.info[self.name] = {**settings, "size": list(control_map.size), "notes": notes,
                                         "steps_with_control": f"first int(N·{settings['stop']:g})"}

@@ -1,9 +1,10 @@
-"""Flex.2 inpainting: an image and a mask (white = regenerate, black = keep) as the model's extra input channels.
+"""Inpainting: an image and a mask (white = regenerate, black = keep) as the model's "inpaint" and "mask" channels.
 
-What the model reads per token (after 2×2 packing): channels 64–127 the inpaint latent, 128–131 the mask.
-The whole image is VAE-encoded and normalised ((z − shift)·scale), then multiplied by (1 − mask) at latent
-resolution; the mask is resized there bilinearly, so its edges stay soft. Without this conditioner the model
-family fills the inpaint latent with zeros and the mask with ones ("regenerate everything").
+Works with any model family that is ``ChannelConditioned`` with those two groups (Flex.2: per token, channels
+64–127 the inpaint latent, 128–131 the mask) and uses nothing else of it. The whole image is encoded into the
+model's token layout (``encode_tokens``: VAE-encoded, normalised, packed), then multiplied by (1 − mask) at latent
+resolution (``mask_tokens``: the mask resized there bilinearly, so its edges stay soft). Without this conditioner
+the model family fills the inpaint latent with zeros and the mask with ones ("regenerate everything").
 
 Inputs (``request.conditioning["inpaint"]``, or ``--inpaint-image`` / ``--mask``): ``{"image": ..., "mask": ...}``,
 paths or PIL images. The image is resized to the output size; the mask must have the image's aspect ratio
@@ -18,11 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fluxframe.core.channels import require_channels
 from fluxframe.core.images import open_image
 from fluxframe.core.interfaces import Conditioner
 from fluxframe.errors import RequestError
 
-from .preprocess import fit, rgb_tensor
+from .preprocess import fit
 
 log = logging.getLogger("fluxframe.conditioning.inpaint")
 FIELD = "conditioning.inpaint"
@@ -45,7 +47,7 @@ def check_posterior(name: str, posterior: Any) -> str:
 
 
 class InpaintConditioner(Conditioner):
-    """``inpaint``: Flex.2's inpaint latent and mask channels (see the module docstring)."""
+    """``inpaint``: the inpaint latent and mask channels (see the module docstring)."""
 
     name = "inpaint"
     families = ("flex2",)
@@ -87,21 +89,19 @@ class InpaintConditioner(Conditioner):
             return
         import numpy as np
         import torch
-        import torch.nn.functional as F
 
-        from fluxframe.plugins.flex2.family import pack
+        from fluxframe.core.images import from_pil
 
+        model = require_channels(model, self.name, "inpaint", "mask")
         notes: list[str] = []
         image, mask = self._inputs(inputs, notes)
         image = fit(image, request.width, request.height, f"{FIELD}.image", notes)
-        latents = model.encode_latents(rgb_tensor(image), posterior_generator(self.posterior, request.seed,
-                                                                              SEED_OFFSET))
+        tokens = model.encode_tokens(from_pil(image), posterior_generator(self.posterior, request.seed, SEED_OFFSET))
         m = np.asarray(mask, dtype=np.float32)
-        m = m / 255.0 if mask.mode == "L" else m.clip(0.0, 1.0)
-        m = torch.from_numpy(m)[None, None]
-        m = F.interpolate(m, size=tuple(latents.shape[-2:]), mode="bilinear", align_corners=False)
-        m = m.to(latents.device, latents.dtype)
-        conditioning.channels["inpaint"] = pack(latents * (1.0 - m))
-        conditioning.channels["mask"] = pack(m)
+        m = torch.from_numpy(m / 255.0 if mask.mode == "L" else m.clip(0.0, 1.0))[None, None]
+        keep = 1.0 - model.mask_tokens(m, request.width, request.height, per_channel=True).to(tokens)
+        m = model.mask_tokens(m, request.width, request.height)
+        conditioning.channels["inpaint"] = tokens * keep
+        conditioning.channels["mask"] = m
         conditioning.info[self.name] = {"image": list(image.size), "mask": list(mask.size), "notes": notes,
                                         "regenerate_fraction": round(float(m.mean()), 4)}

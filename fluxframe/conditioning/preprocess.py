@@ -1,4 +1,4 @@
-"""Control-image preprocessors for Flex.2's universal control, and the image helpers the Flex.2 conditioners share.
+"""Control-image preprocessors for universal control (Flex.2's), and ``fit``, which inpaint and control share.
 
 A preprocessor turns an ordinary photo into the control map the model was trained on:
 
@@ -23,15 +23,6 @@ from pathlib import Path
 from fluxframe.errors import RequestError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def rgb_tensor(image):
-    """A PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    import numpy as np
-    import torch
-
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(2.0 * array - 1.0).permute(2, 0, 1)[None].contiguous()
 
 
 def fit(image, width: int, height: int, where: str, notes: list[str]):

@@ -66,15 +66,6 @@ def prepare_reference(image, multiple: int, where: str = FIELD):
     return image
 
 
-def to_tensor(image):
-    """A PIL RGB image -> (1, 3, H, W) float32 in [-1, 1], computed as diffusers computes it."""
-    import numpy as np
-    import torch
-
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(2.0 * array - 1.0).permute(2, 0, 1)[None].contiguous()
-
-
 class ReferenceConditioner(Conditioner):
     """``reference``: FLUX.2 reference images as extra tokens (see the module docstring)."""
 
@@ -108,10 +99,12 @@ class ReferenceConditioner(Conditioner):
     def prepare(self, model, request, inputs, conditioning) -> None:
         if not inputs:
             return
+        from fluxframe.core.images import from_pil
+
         limit = min(self.max_references, model.limits.max_references)
         images = self._images(inputs, limit, model.limits.pixel_multiple)
         for i, image in enumerate(images):
-            latents = model.encode_image(to_tensor(image))
+            latents = model.encode_image(from_pil(image))
             ids = latents.ids.clone()
             ids[:, 0] = TIME_OFFSET * (i + 1)
             conditioning.extra_tokens.append((latents.tokens, ids))

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -310,6 +310,144 @@ def _quoted(keys: list[str], limit: int = 5) -> str:
     return ", ".join(repr(k) for k in keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
+class _Plan(NamedTuple):
+    """How one model tensor is filled: the model keys sharing it, the key whose sources the checkpoint has, those
+    checkpoint keys, and the function combining them (None: one key, used as it is)."""
+
+    group: list[str]
+    key: str
+    sources: tuple[str, ...]
+    fn: Callable | None
+
+
+_Slots = dict[str, tuple[torch.nn.Module, str, bool]]  # model key -> (owning submodule, attribute, is parameter)
+
+
+def _model_tensors(module: torch.nn.Module) -> tuple[_Slots, list[list[str]], dict[str, torch.Tensor]]:
+    """Phase 1: what there is to fill. (slots, the model keys grouped by tensor identity, each key's tensor as
+    built). Grouping by identity means a shared parameter is read once and stays shared; non-persistent buffers
+    are not in checkpoints, so they are left out."""
+    slots: _Slots = {}
+    groups: dict[int, list[str]] = {}
+    expected: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        owned = [(n, t, True) for n, t in sub._parameters.items()]
+        owned += [(n, t, False) for n, t in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
+        for name, tensor, is_param in owned:
+            if tensor is None:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            slots[key] = (sub, name, is_param)
+            groups.setdefault(id(tensor), []).append(key)
+            expected[key] = tensor
+    return slots, list(groups.values()), expected
+
+
+def _plan_sources(groups: list[list[str]], key_map: Mapping[str, Source], checkpoint: SafetensorsCheckpoint
+                  ) -> tuple[list[_Plan], list[tuple[str, str]], set[str]]:
+    """Phase 2: for each group, the first of its keys whose sources the checkpoint has. Returns (plans, missing
+    as (model key, absent checkpoint key), every checkpoint key some model key names)."""
+    plans: list[_Plan] = []
+    missing: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for group in groups:
+        chosen = None
+        for key in group:
+            sources, fn = _split_source(key, key_map.get(key, key))
+            used.update(sources)
+            if chosen is None and all(s in checkpoint for s in sources):
+                chosen = _Plan(group, key, sources, fn)
+        if chosen is None:
+            sources, _ = _split_source(group[0], key_map.get(group[0], group[0]))
+            missing.append((group[0], next(s for s in sources if s not in checkpoint)))
+        else:
+            plans.append(chosen)
+    return plans, missing, used
+
+
+def _check_headers(checkpoint: SafetensorsCheckpoint, plans: list[_Plan], missing: list[tuple[str, str]],
+                   used: set[str], expected: dict[str, torch.Tensor], *, what: str, total: int) -> None:
+    """Phase 3, before any tensor data is read: every model tensor has its sources, every checkpoint tensor is
+    used, and each plain source has the model's shape (combined ones are checked once combined)."""
+    if missing:
+        shown = [repr(s) + (f" (for {m!r})" if s != m else "") for m, s in missing[:5]]
+        raise CheckpointError(
+            f"{len(missing)} of the {what}'s {total} tensors are missing from the checkpoint: "
+            + ", ".join(shown)
+            + (", ..." if len(missing) > 5 else "")
+            + "; is this the right checkpoint for this model?",
+            file=str(checkpoint.path),
+            key=missing[0][1],
+        )
+    unexpected = [k for k in checkpoint.keys() if k not in used]
+    if unexpected:
+        raise CheckpointError(
+            f"{len(unexpected)} of the checkpoint's {len(checkpoint)} tensors are not used by the {what}: "
+            f"{_quoted(unexpected)}; "
+            "a different model variant, or a key_map entry missing?",
+            file=str(checkpoint.file_of(unexpected[0])),
+            key=unexpected[0],
+        )
+    for _, key, sources, fn in plans:
+        want = tuple(expected[key].shape)
+        if fn is None and checkpoint.shape(sources[0]) != want:
+            raise CheckpointError(
+                f"shape {_shape(checkpoint.shape(sources[0]))} in the checkpoint, the {what} expects "
+                f"{_shape(want)}" + (f" (for {key!r})" if sources[0] != key else ""),
+                file=str(checkpoint.file_of(sources[0])),
+                key=sources[0],
+            )
+
+
+def _read_tensor(checkpoint: SafetensorsCheckpoint, plan: _Plan, want: torch.Size, *, what: str) -> torch.Tensor:
+    """Phase 4a: one model tensor's data, read (and combined, then checked to have the shape ``want``)."""
+    _, key, sources, fn = plan
+    if fn is None:
+        return checkpoint.get(sources[0])
+    parts = [checkpoint.get(s) for s in sources]
+    try:
+        tensor = fn(parts)
+    except Exception as e:
+        raise CheckpointError(
+            f"combining {_quoted(list(sources))} for {key!r} failed: {e}",
+            file=str(checkpoint.file_of(sources[0])),
+            key=sources[0],
+        ) from e
+    del parts
+    if tuple(tensor.shape) != tuple(want):
+        raise CheckpointError(
+            f"shape {_shape(tensor.shape)} after combining {_quoted(list(sources))}, the {what} "
+            f"expects {_shape(want)} for {key!r}",
+            file=str(checkpoint.file_of(sources[0])),
+            key=sources[0],
+        )
+    return tensor
+
+
+def _put_in_place(tensor: torch.Tensor, plan: _Plan, slots: _Slots, *, dtype: torch.dtype | None,
+                  device: torch.device | str) -> None:
+    """Phase 4b: cast and move one tensor and set it under every key of its group (a parameter stays a
+    parameter, trainable only where the one it replaces was)."""
+    cast = dtype if dtype is not None and tensor.is_floating_point() else None
+    tensor = tensor.to(device=device, dtype=cast)
+    sub, name, is_param = slots[plan.key]
+    if is_param:
+        old = sub._parameters[name]
+        tensor = torch.nn.Parameter(tensor, requires_grad=bool(old.requires_grad) and tensor.is_floating_point())
+    for k in plan.group:
+        sub, name, is_param = slots[k]
+        (sub._parameters if is_param else sub._buffers)[name] = tensor
+
+
+def _announce(plan: _Plan, slots: _Slots, on_loaded: Callable[[str], None] | None) -> None:
+    """Phase 4c: forget the group's slots (not to keep a submodule alive that the hook may replace, as quantize
+    does) and call ``on_loaded`` with each of its keys."""
+    for k in plan.group:
+        del slots[k]
+        if on_loaded is not None:
+            on_loaded(k)
+
+
 def load_into(
     module: torch.nn.Module,
     checkpoint: SafetensorsCheckpoint,
@@ -337,102 +475,13 @@ def load_into(
     ``what`` names the component in messages ("transformer", "vae"). ``on_loaded``, if given, is called with
     each model key as soon as its tensor is in place (a memory strategy's ``while_loading`` hook).
     """
-    key_map = key_map or {}
-    # model key -> (owning submodule, attribute name, is parameter), grouped by tensor identity so that
-    # a shared parameter is read once and stays shared.
-    slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
-    groups: dict[int, list[str]] = {}
-    expected: dict[str, torch.Tensor] = {}
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        owned = [(n, t, True) for n, t in sub._parameters.items()]
-        owned += [(n, t, False) for n, t in sub._buffers.items() if n not in sub._non_persistent_buffers_set]
-        for name, tensor, is_param in owned:
-            if tensor is None:
-                continue
-            key = f"{prefix}.{name}" if prefix else name
-            slots[key] = (sub, name, is_param)
-            groups.setdefault(id(tensor), []).append(key)
-            expected[key] = tensor
-
-    plans: list[tuple[list[str], str, tuple[str, ...], Callable | None]] = []  # (group, model key, sources, fn)
-    missing: list[tuple[str, str]] = []  # (model key, absent checkpoint key)
-    used: set[str] = set()
-    for group in groups.values():
-        chosen = None
-        for key in group:
-            sources, fn = _split_source(key, key_map.get(key, key))
-            used.update(sources)
-            if chosen is None and all(s in checkpoint for s in sources):
-                chosen = (group, key, sources, fn)
-        if chosen is None:
-            sources, _ = _split_source(group[0], key_map.get(group[0], group[0]))
-            missing.append((group[0], next(s for s in sources if s not in checkpoint)))
-        else:
-            plans.append(chosen)
-    if missing:
-        shown = [repr(s) + (f" (for {m!r})" if s != m else "") for m, s in missing[:5]]
-        raise CheckpointError(
-            f"{len(missing)} of the {what}'s {len(groups)} tensors are missing from the checkpoint: "
-            + ", ".join(shown)
-            + (", ..." if len(missing) > 5 else "")
-            + "; is this the right checkpoint for this model?",
-            file=str(checkpoint.path),
-            key=missing[0][1],
-        )
-    unexpected = [k for k in checkpoint.keys() if k not in used]
-    if unexpected:
-        raise CheckpointError(
-            f"{len(unexpected)} of the checkpoint's {len(checkpoint)} tensors are not used by the {what}: "
-            f"{_quoted(unexpected)}; "
-            "a different model variant, or a key_map entry missing?",
-            file=str(checkpoint.file_of(unexpected[0])),
-            key=unexpected[0],
-        )
-    for _, key, sources, fn in plans:
-        want = tuple(expected[key].shape)
-        if fn is None and checkpoint.shape(sources[0]) != want:
-            raise CheckpointError(
-                f"shape {_shape(checkpoint.shape(sources[0]))} in the checkpoint, the {what} expects "
-                f"{_shape(want)}" + (f" (for {key!r})" if sources[0] != key else ""),
-                file=str(checkpoint.file_of(sources[0])),
-                key=sources[0],
-            )
-
-    for group, key, sources, fn in plans:
-        if fn is None:
-            tensor = checkpoint.get(sources[0])
-        else:
-            parts = [checkpoint.get(s) for s in sources]
-            try:
-                tensor = fn(parts)
-            except Exception as e:
-                raise CheckpointError(
-                    f"combining {_quoted(list(sources))} for {key!r} failed: {e}",
-                    file=str(checkpoint.file_of(sources[0])),
-                    key=sources[0],
-                ) from e
-            del parts
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise CheckpointError(
-                    f"shape {_shape(tensor.shape)} after combining {_quoted(list(sources))}, the {what} "
-                    f"expects {_shape(expected[key].shape)} for {key!r}",
-                    file=str(checkpoint.file_of(sources[0])),
-                    key=sources[0],
-                )
-        cast = dtype if dtype is not None and tensor.is_floating_point() else None
-        tensor = tensor.to(device=device, dtype=cast)
-        sub, name, is_param = slots[key]
-        if is_param:
-            old = sub._parameters[name]
-            tensor = torch.nn.Parameter(tensor, requires_grad=bool(old.requires_grad) and tensor.is_floating_point())
-        for k in group:
-            sub, name, is_param = slots[k]
-            (sub._parameters if is_param else sub._buffers)[name] = tensor
-        del tensor  # drop our reference before reading the next one
-        for k in group:
-            del slots[k]  # nor keep the submodule alive: the hook may replace it (quantize)
-            if on_loaded is not None:
-                on_loaded(k)
+    slots, groups, expected = _model_tensors(module)
+    plans, missing, used = _plan_sources(groups, key_map or {}, checkpoint)
+    _check_headers(checkpoint, plans, missing, used, expected, what=what, total=len(groups))
+    for plan in plans:  # one tensor at a time, held by no name here, so the module's copy is its only one
+        _put_in_place(_read_tensor(checkpoint, plan, expected[plan.key].shape, what=what), plan, slots,
+                      dtype=dtype, device=device)
+        _announce(plan, slots, on_loaded)  # after the call above let go of the tensor as read
 
 
 def build_and_load(build: Callable[[], torch.nn.Module], checkpoint: SafetensorsCheckpoint, *, what: str,

@@ -26,9 +26,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
-    """An image -> (1, 3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+    """An image -> (1, 3, H, W) float32 in [-1, 1] (RGB), computed as diffusers computes it: 2·(x / 255) − 1."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(2.0 * array - 1.0).permute(2, 0, 1)[None].contiguous()
 
 
 def open_image(item: Any, where: str):

@@ -145,6 +145,36 @@ class ModelFamily(ABC):
         return facts
 
 
+class ChannelConditioned(ABC):
+    """What a model family offers conditioners that fill ``Conditioning.channels``: extra input channels per image
+    token beside the noisy latents (Flex.2: an inpaint latent, a mask and a control latent). A family opts in by
+    subclassing this beside ModelFamily; conditioners reach those channels through these members only
+    (``fluxframe.core.channels.require_channels`` checks a model has them). Channel groups may be given on any
+    device and in any dtype: the family moves them to its own."""
+
+    @property
+    @abstractmethod
+    def channel_groups(self) -> dict[str, int]:
+        """The channel groups the loaded checkpoint reads, by name, with their width per token, in the order the
+        family concatenates them (Flex.2: inpaint 64, mask 4, control 64; none for a plain Flux.1 checkpoint)."""
+
+    @abstractmethod
+    def token_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, columns) of image tokens of a width × height output; channel groups have rows · columns tokens."""
+
+    @abstractmethod
+    def encode_tokens(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] as latent tokens (B, N, C) in the token layout the channel groups take
+        (VAE-encoded, normalised, packed). ``generator`` samples the VAE posterior; without one, its mean is used."""
+
+    @abstractmethod
+    def mask_tokens(self, mask: torch.Tensor, width: int, height: int, *, per_channel: bool = False) -> torch.Tensor:
+        """A mask (B, 1, h, w) in [0, 1], of any size with the output's aspect ratio, in the token layout of a
+        width × height output: resized (bilinear) to the latent resolution, with one value per latent pixel of each
+        token, (B, N, P); with ``per_channel``, each value repeated for every latent channel of its pixel, (B, N, C),
+        lined up with ``encode_tokens``' channels (so ``tokens * (1 - mask)`` blanks the masked latent pixels)."""
+
+
 class Conditioner(ABC):
     """Turns request inputs (reference images, masks, control images ...) into conditioning."""
 

@@ -63,7 +63,7 @@ class Conditioning:
         prediction for them is cut away (FLUX.2 reference images).
     channels: named per-token channel groups (B, N, C') the family concatenates to the image
         tokens in its own fixed order (Flex.2: "inpaint", "mask", "control"); a family fills in
-        its defaults for groups nobody set.
+        its defaults for groups nobody set. Families that take them are ChannelConditioned.
     step_hooks: called as hook(step, num_steps, conditioning) before each step, e.g. to switch
         control channels off after a fraction of the steps.
     info: what each conditioner did, for the result and the audit record.

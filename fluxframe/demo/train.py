@@ -17,7 +17,7 @@ Four stages, each resumable from the work folder:
    The prompt encoder pads every prompt to 512 tokens, almost all padding; attending to all of them is most of the
    cost, so the first phase trains on the prompt's tokens plus a random sample of the padding positions (with their
    true position ids), each sampled key's attention logits raised by log(padding / sampled) so that it stands for
-   its share of all the padding (``padding_weighted``: the prompt is diluted as much as at inference), and the
+   its share of all the padding (``padding_bias``: the prompt is diluted as much as at inference), and the
    second, shorter phase on all 512, as inference sees them.
 4. export -- the diffusers folder layout (model_index.json Flux2KleinPipeline with is_distilled false, transformer/,
    vae/, text_encoder/, tokenizer/, scheduler/), written beside the target and renamed into place, after every
@@ -36,7 +36,6 @@ import platform
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -346,7 +345,7 @@ def train_autoencoder(work: Path, cfg: TrainConfig, images, scenes, seed: int, b
 def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.Tensor:
     """Set the BN statistics from the patchified latents of all images; returns the normalised latents
     (N, 128, h, w)."""
-    from fluxframe.plugins.flux2.autoencoder import _patchify
+    from fluxframe.plugins.flux2.autoencoder import patchify
 
     path = work / "latents.pt"
     if path.exists():
@@ -356,7 +355,7 @@ def cache_latents(work: Path, vae, images: torch.Tensor, stats: dict) -> torch.T
         return saved["latents"]
     started = time.time()
     lc, p = vae.config.latent_channels, vae.config.patch_size[0]
-    raw = torch.cat([_patchify(vae.encode_moments(to_unit(images[i:i + 32]))[:, :lc], p)
+    raw = torch.cat([patchify(vae.encode_moments(to_unit(images[i:i + 32]))[:, :lc], p)
                      for i in range(0, len(images), 32)])
     mean, var = raw.mean(dim=(0, 2, 3)), raw.var(dim=(0, 2, 3))
     vae.bn.running_mean.copy_(mean)
@@ -470,26 +469,16 @@ def emphasise_low_noise(sigma: torch.Tensor, fraction: float, high: float, gener
     return torch.where(torch.rand(len(sigma), generator=generator) < fraction, low, sigma)
 
 
-@contextmanager
-def padding_weighted(bias: torch.Tensor):
-    """Phase 1 attends to a sample of the padding positions only. While this is active, every attention in
-    the FLUX.2 DiT adds ``bias`` to its logits per key (text keys first, then image keys, as the DiT orders
-    them): log(padding / sampled) on the sampled padding keys, 0 elsewhere, so each sampled key stands for its
-    share of all the padding and the attention mass on padding is, in expectation, what inference (which
-    attends to all 512 positions) gives. Without it the model learns to read a prompt that 16 padding keys
-    dilute, and meets one that ~490 dilute."""
-    from fluxframe.plugins.flux2 import transformer as dit
-
-    plain = dit._attention
-
-    def weighted(q, k, v, rope, q_rope=None):
-        return plain(q, k, v, rope, q_rope, attn_mask=bias.to(q.dtype).view(1, 1, 1, -1))
-
-    dit._attention = weighted
-    try:
-        yield
-    finally:
-        dit._attention = plain
+def padding_bias(prompt_tokens: int, sampled: int, image_tokens: int) -> torch.Tensor:
+    """Phase 1 attends to a sample of the padding positions only. The DiT adds this bias (``attn_bias``) to every
+    attention's logits per key, over [prompt, sampled padding, image tokens] as the DiT orders them:
+    log(padding / sampled) on the sampled padding keys, 0 elsewhere, so each sampled key stands for its share of all
+    the padding and the attention mass on padding is, in expectation, what inference (which attends to all 512
+    positions) gives. Without it the model learns to read a prompt that 16 padding keys dilute, and meets one that
+    ~490 dilute."""
+    bias = torch.zeros(prompt_tokens + sampled + image_tokens)
+    bias[prompt_tokens:prompt_tokens + sampled] = math.log((MAX_TEXT_TOKENS - prompt_tokens) / sampled)
+    return bias
 
 
 def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed: int, latents: torch.Tensor,
@@ -514,10 +503,7 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
     img_ids = image_ids(*grid)
     full_ids = text_ids(MAX_TEXT_TOKENS)
     mu = empirical_mu(grid[0] * grid[1], cfg.schedule_steps)
-    # phase 1's attention bias over [prompt, sampled padding, image tokens]: log(padding / sampled) on the padding
-    phase1_bias = torch.zeros(prompt_tokens + cfg.pad_sample + tokens.shape[1])
-    phase1_bias[prompt_tokens:prompt_tokens + cfg.pad_sample] = math.log((MAX_TEXT_TOKENS - prompt_tokens)
-                                                                         / cfg.pad_sample)
+    phase1_bias = padding_bias(prompt_tokens, cfg.pad_sample, tokens.shape[1])
     gen = torch.Generator().manual_seed(seed * 1000 + 3 + state["step"])
     rng = np.random.default_rng([seed, 3, state["step"]])
     started, last_save = time.time(), time.time()
@@ -552,8 +538,7 @@ def train_transformer(work: Path, stage: Path, out: Path, cfg: TrainConfig, seed
         if progress() >= 1 - cfg.low_noise_share:
             sigma = emphasise_low_noise(sigma, cfg.low_noise_fraction, cfg.low_noise_max, gen)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        with padding_weighted(phase1_bias) if phase == 1 else nullcontext():
-            pred = model(xt, img_ids, txt, full_ids[keep], sigma)
+        pred = model(xt, img_ids, txt, full_ids[keep], sigma, attn_bias=phase1_bias if phase == 1 else None)
         background = x0.median(dim=1, keepdim=True).values
         distance = (x0 - background).norm(dim=-1)  # (B, tokens)
         shape = distance > 0.5 * distance.amax(dim=1, keepdim=True).clamp_min(1e-6)

@@ -9,10 +9,7 @@
 
 from PIL import Image, ImageColor
 
-from fluxframe.conditioning.control import ControlStop, check_stop, check_strength
-from fluxframe.core.hookspecs import hookimpl
-from fluxframe.core.interfaces import Conditioner
-from fluxframe.errors import RequestError
+from fluxframe.plugin import ChannelStop, Conditioner, RequestError, check_stop, check_strength, hookimpl
 
 
 class PaletteConditioner(Conditioner):
@@ -28,7 +25,8 @@ class PaletteConditioner(Conditioner):
             raise ValueError(f"palette: colors: {exc}") from None
         if direction not in ("horizontal", "vertical"):
             raise ValueError(f"palette: direction must be horizontal or vertical, got {direction!r}")
-        self.strength, self.stop, self.direction = check_strength(strength), check_stop(stop), direction
+        self.strength, self.stop = check_strength(strength, self.name), check_stop(stop, self.name)
+        self.direction = direction
 
     def layout(self, width, height):
         """The hint image: one band per colour."""
@@ -39,15 +37,15 @@ class PaletteConditioner(Conditioner):
         return bands.resize((width, height), Image.Resampling.NEAREST)
 
     def prepare(self, model, request, inputs, conditioning):
-        from fluxframe.conditioning.preprocess import rgb_tensor
-        from fluxframe.plugins.flex2.family import pack
+        from fluxframe.plugin import from_pil, require_channels  # from_pil loads torch: imported where needed
 
+        model = require_channels(model, self.name, "control")  # a RequestError for a model without them
         if "control" in conditioning.channels:
             raise RequestError("the control channels are already set (use palette or control, not both)",
                                field="conditioning.palette")
-        control = pack(model.encode_latents(rgb_tensor(self.layout(request.width, request.height)))) * self.strength
+        control = model.encode_tokens(from_pil(self.layout(request.width, request.height))) * self.strength
         conditioning.channels["control"] = control
-        conditioning.step_hooks.append(ControlStop(control, self.stop))
+        conditioning.step_hooks.append(ChannelStop("control", control, self.stop))
         conditioning.info[self.name] = {"colors": self.colors, "strength": self.strength, "stop": self.stop}
 
 

@@ -1,6 +1,7 @@
 """The Flux.1 autoencoder (diffusers' ``AutoencoderKL`` as Flux.1 and Flex.2 ship it): 16 latent channels at 1/8
-resolution, normalised as (z − shift)·scale. Its encoder and decoder are the same blocks as the FLUX.2
-autoencoder's, so they are imported from there; parameter names match diffusers, so ``vae/`` loads 1:1.
+resolution, normalised as (z − shift)·scale. Its encoder and decoder are the stacks the FLUX.2 autoencoder
+is built from too (``fluxframe.plugins.common.autoencoder``); parameter names match diffusers, so ``vae/``
+loads 1:1.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from fluxframe.errors import CheckpointError
-from fluxframe.plugins.flux2.autoencoder import AutoencoderConfig, _Coder
-from fluxframe.plugins.flux2.bounds import short
+from fluxframe.plugins.common.autoencoder import AutoencoderConfig, Coder
+from fluxframe.plugins.common.bounds import short
 
 SCALE, SHIFT = 0.3611, 0.1159  # Flux.1's latent normalisation
 
@@ -47,8 +48,8 @@ class Flux1Autoencoder(nn.Module):
         self.config = config
         cfg = config.blocks
         lc = cfg.latent_channels
-        self.encoder = _Coder(cfg.in_channels, 2 * lc, cfg.block_out_channels, cfg, down=True)
-        self.decoder = _Coder(lc, cfg.out_channels, cfg.decoder_block_out_channels or cfg.block_out_channels, cfg,
+        self.encoder = Coder(cfg.in_channels, 2 * lc, cfg.block_out_channels, cfg, down=True)
+        self.decoder = Coder(lc, cfg.out_channels, cfg.decoder_block_out_channels or cfg.block_out_channels, cfg,
                               down=False)
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if cfg.use_post_quant_conv else None

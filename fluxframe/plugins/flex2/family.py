@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, resolve_weight_files
 from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
-from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
+from fluxframe.core.interfaces import ChannelConditioned, MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError, RequestError
-from fluxframe.plugins.flux2.bounds import text_encoder_config
-from fluxframe.plugins.flux2.family import DTYPES, _read_json, resolve_device
+from fluxframe.plugins.common.bounds import read_json, text_encoder_config
+from fluxframe.plugins.common.loading import DTYPES, resolve_device
 from fluxframe.plugins.lora import LoraSupport
 
 from . import keymap
@@ -101,7 +102,7 @@ def transformer_config(source: Path, ckpt: SafetensorsCheckpoint) -> tuple[Flux1
     prefix = _layout(ckpt)
     if prefix is None:
         folder = source if source.is_dir() else source.parent
-        config = Flux1Config.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+        config = Flux1Config.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
     else:
         config = keymap.config_from_shapes(ckpt, prefix, source=str(source))
     if config.in_channels not in (64, FLEX2_CHANNELS):
@@ -123,7 +124,7 @@ def load_transformer(source: Path, dtype, device, memory: MemoryStrategy | None 
 
 
 def autoencoder_config(folder: Path) -> Flux1AutoencoderConfig:
-    return Flux1AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    return Flux1AutoencoderConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
 
 
 def check_pair(transformer: Flux1Config, vae: Flux1AutoencoderConfig, folder: Path) -> None:
@@ -158,7 +159,7 @@ def locate(path: Path) -> tuple[Path, Path]:
         if not index.is_file():
             raise CheckpointError("model_index.json is missing: not a diffusers-layout folder (for the original "
                                   "single-file layout, give the .safetensors file as the path)", file=str(index))
-        _read_json(index)
+        read_json(index)
         if not transformer.is_dir():
             raise CheckpointError("component folder transformer/ is missing", file=str(transformer))
         resolve_weight_files(transformer)
@@ -176,7 +177,7 @@ def fingerprint(transformer: Path, folder: Path) -> str:
     return checkpoint_fingerprint(transformer, *(folder / c for c in ("vae", "text_encoder", "text_encoder_2")))
 
 
-class Flex2(LoraSupport, ModelFamily):
+class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
     """Flex.2 (196 input channels: inpainting and universal control built in) or plain Flux.1 (64)."""
 
     name = "flex2"
@@ -198,7 +199,7 @@ class Flex2(LoraSupport, ModelFamily):
         defaults = dict(base_seq=BASE_SEQ, max_seq=MAX_SEQ, base_shift=BASE_SHIFT, max_shift=MAX_SHIFT)
         if not file.is_file():
             return defaults
-        data = _read_json(file)
+        data = read_json(file)
         names = dict(base_seq="base_image_seq_len", max_seq="max_image_seq_len", base_shift="base_shift",
                      max_shift="max_shift")
         return {k: data.get(names[k], v) if data.get(names[k]) is not None else v for k, v in defaults.items()}
@@ -278,13 +279,17 @@ class Flex2(LoraSupport, ModelFamily):
         return Flux1Text(embeds=embeds.to(self.device, self.dtype), ids=text_ids(embeds.shape[1]),
                          pooled=pooled.to(self.device, self.dtype))
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
+    @property
+    def channel_groups(self) -> dict[str, int]:
+        return dict(FLEX2_GROUPS) if self.takes_conditioning else {}
+
+    def token_grid(self, width: int, height: int) -> tuple[int, int]:
         return height // self.limits.pixel_multiple, width // self.limits.pixel_multiple
 
     def initial_noise(self, seed: int, width: int, height: int) -> Latents:
         # As diffusers' FluxPipeline draws it: its own CPU generator, (1, 16, 2h, 2w), then packed 2×2.
         # Nothing else draws from this generator, so the noise never depends on the conditioning given.
-        grid = self.grid(width, height)
+        grid = self.token_grid(width, height)
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn((1, self.vae.latent_channels, 2 * grid[0], 2 * grid[1]), generator=generator,
                             dtype=self.dtype)
@@ -338,6 +343,16 @@ class Flex2(LoraSupport, ModelFamily):
         them at latent resolution). ``generator`` samples the posterior; without one, its mean is used."""
         with self.memory.using("vae", self.vae, self.device):
             return self.vae.encode(images.to(self.device, self.dtype), generator)
+
+    def encode_tokens(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return pack(self.encode_latents(images, generator))
+
+    def mask_tokens(self, mask: torch.Tensor, width: int, height: int, *, per_channel: bool = False) -> torch.Tensor:
+        # A token is 2×2 latent pixels: the mask goes to latent resolution, then packs as the latents do.
+        rows, cols = self.token_grid(width, height)
+        m = F.interpolate(mask, size=(2 * rows, 2 * cols), mode="bilinear", align_corners=False)
+        m = m.to(self.device, self.dtype)
+        return pack(m.expand(-1, self.vae.latent_channels, -1, -1) if per_channel else m)
 
     def encode_image(self, images: torch.Tensor) -> Latents:
         latents = self.encode_latents(images)

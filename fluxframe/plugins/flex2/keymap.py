@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from fluxframe.errors import CheckpointError
-from fluxframe.plugins.flux2.transformer import check_sizes
+from fluxframe.plugins.common.dit import check_sizes
 
 from .transformer import Flux1Config
 

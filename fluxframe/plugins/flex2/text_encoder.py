@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from fluxframe.errors import CheckpointError
-from fluxframe.plugins.flux2.bounds import text_encoder_config
-from fluxframe.plugins.flux2.text_encoder import _require_safetensors
+from fluxframe.plugins.common.bounds import text_encoder_config
+from fluxframe.plugins.common.loading import require_safetensors
 
 T5_TOKENS = 512
 CLIP_TOKENS = 77
@@ -40,7 +40,7 @@ def _model(cls, folder: Path, model_type: str, dtype, device):
 
     if not (folder / "config.json").is_file():
         raise CheckpointError("the text encoder folder has no config.json", file=str(folder))
-    _require_safetensors(folder)
+    require_safetensors(folder)
     text_encoder_config(folder)  # sizes within sane bounds before transformers builds anything from them
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fluxframe.plugins.flux2.tiny import _CORPUS
+from fluxframe.plugins.common.tiny import CORPUS
 
 
 def build_tiny_tokenizer(out_dir: Path, *, kind: str) -> int:
@@ -25,7 +25,7 @@ def build_tiny_tokenizer(out_dir: Path, *, kind: str) -> int:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    backend.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     if kind == "clip":
         bos, eos = backend.token_to_id(specials[0]), backend.token_to_id(specials[1])
         backend.post_processor = processors.TemplateProcessing(

@@ -1,9 +1,9 @@
 """The Flux.1-architecture diffusion transformer that Flex.2 (and every Flux.1 checkpoint) uses, in plain PyTorch.
 
-Compared with the FLUX.2 DiT next door: every linear layer has a bias, each block computes its own
-modulation, the MLPs are GELU-tanh, a CLIP pooled vector joins the timestep embedding, and positions have
-three RoPE axes (t, row, col). Parameters carry the names of the original single-file checkpoints
-(``double_blocks.N.img_attn.qkv`` ...); ``keymap.py`` maps the diffusers layout onto them.
+Compared with the FLUX.2 DiT (both are built from ``fluxframe.plugins.common.dit``): every linear layer has a
+bias, each block computes its own modulation, the MLPs are GELU-tanh, a CLIP pooled vector joins the timestep
+embedding, and positions have three RoPE axes (t, row, col). Parameters carry the names of the original
+single-file checkpoints (``double_blocks.N.img_attn.qkv`` ...); ``keymap.py`` maps the diffusers layout onto them.
 The input width is configurable: 64 for plain Flux.1, 196 for Flex.2 (noise | inpaint | mask | control).
 """
 
@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluxframe.errors import CheckpointError
-from fluxframe.plugins.flux2.transformer import (
+from fluxframe.plugins.common.dit import (
+    DiTShape,
     QKNorm,
-    TransformerConfig,
-    _attention,
-    _modulate,
+    attention,
+    clip_fp16,
     config_from_dict,
+    modulate,
     rope_table,
     timestep_embedding,
 )
@@ -30,7 +31,7 @@ EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class Flux1Config:
+class Flux1Config(DiTShape):
     """Shape of a Flux.1-architecture DiT. Field names follow diffusers' ``transformer/config.json``."""
 
     in_channels: int = 196
@@ -46,9 +47,6 @@ class Flux1Config:
     patch_size: int = 1
     mlp_ratio: float = 4.0
     rope_theta: int = 10000
-
-    hidden_size = TransformerConfig.hidden_size
-    output_channels = TransformerConfig.output_channels
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> Flux1Config:
@@ -96,10 +94,6 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def _clip_fp16(x):
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
 class DoubleBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -111,15 +105,15 @@ class DoubleBlock(nn.Module):
     def forward(self, img, txt, vec, rope):
         (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = self.img_mod(vec)
         (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift1, i_scale1, EPS))
-        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift1, t_scale1, EPS))
-        attn = _attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, EPS))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, EPS))
+        attn = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, EPS)))
+        img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, EPS)))
         txt = torch.addcmul(txt, t_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2, EPS)))
-        return _clip_fp16(img), _clip_fp16(txt)
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2, EPS)))
+        return clip_fp16(img), clip_fp16(txt)
 
 
 class SingleBlock(nn.Module):
@@ -136,11 +130,11 @@ class SingleBlock(nn.Module):
 
     def forward(self, x, vec, rope):
         ((shift, scale, gate),) = self.modulation(vec)
-        qkv, mlp = self.linear1(_modulate(x, shift, scale, EPS)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        qkv, mlp = self.linear1(modulate(x, shift, scale, EPS)).split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        attn = _attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
         out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-        return _clip_fp16(torch.addcmul(x, gate, out))
+        return clip_fp16(torch.addcmul(x, gate, out))
 
 
 class MLPEmbedder(nn.Module):
@@ -161,7 +155,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(_modulate(x, shift, scale, EPS))
+        return self.linear(modulate(x, shift, scale, EPS))
 
 
 class Flux1Transformer(nn.Module):

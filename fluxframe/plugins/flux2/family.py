@@ -23,15 +23,16 @@ from fluxframe.core.checkpoint import fingerprint as checkpoint_fingerprint
 from fluxframe.core.interfaces import MemoryStrategy, ModelFamily, ModelLimits
 from fluxframe.core.types import Conditioning, Latents, TextConditioning
 from fluxframe.errors import CheckpointError, ConfigError
+from fluxframe.plugins.common import bounds
+from fluxframe.plugins.common.loading import DTYPES, resolve_device
 from fluxframe.plugins.lora import LoraSupport
 
-from . import bounds, keymap, single_file
+from . import keymap, single_file
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
 from .transformer import Flux2Transformer, TransformerConfig
 
 PIPELINE_CLASSES = {"Flux2Pipeline", "Flux2KleinPipeline"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -53,25 +54,13 @@ def flux2_sigmas(steps: int, image_seq_len: int) -> torch.Tensor:
     return torch.cat([shift / (shift + (1.0 / base - 1.0)), torch.zeros(1)])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine", key="model.device")
-    return device
-
-
-_read_json = bounds.read_json  # every JSON file of a checkpoint, size-capped
-
-
 def check_folder(folder: Path) -> dict:
     """Check a diffusers-layout FLUX.2 folder without reading weights; returns model_index.json."""
     if not folder.exists():
         raise CheckpointError("checkpoint folder does not exist", file=str(folder))
     if not folder.is_dir():
         raise CheckpointError("expected a checkpoint folder (diffusers layout)", file=str(folder))
-    index = _read_json(folder / "model_index.json")
+    index = bounds.read_json(folder / "model_index.json")
     cls = index.get("_class_name")
     if cls not in PIPELINE_CLASSES:
         raise CheckpointError(
@@ -90,19 +79,11 @@ def check_files(folder: Path) -> None:
     """What ``check_folder`` leaves to loading, still without reading weights: every config.json within sane
     bounds, and every weight file (transformer, vae, text encoder; shards of an index too) as long as its
     header says, so a truncated download is refused by `config check`, not after minutes of loading."""
-    read_transformer_config(folder / "transformer")
-    read_autoencoder_config(folder / "vae")
+    TransformerConfig.read(folder / "transformer")
+    AutoencoderConfig.read(folder / "vae")
     bounds.text_encoder_config(folder / "text_encoder")
     for component in ("transformer", "vae", "text_encoder"):
         check_weight_files(folder / component)
-
-
-def read_transformer_config(folder: Path) -> TransformerConfig:
-    return TransformerConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
-
-
-def read_autoencoder_config(folder: Path) -> AutoencoderConfig:
-    return AutoencoderConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
 
 
 def model_limits(transformer: TransformerConfig, vae: AutoencoderConfig) -> ModelLimits:
@@ -147,20 +128,20 @@ def prompt_encoder_identity(folder: Path) -> dict:
 def is_base_model(folder: Path, guidance_embeds: bool) -> bool:
     """A klein base model: no guidance embedder and model_index.json `is_distilled` false (diffusers' default)."""
     index = folder / "model_index.json"
-    return not guidance_embeds and not (index.is_file() and _read_json(index).get("is_distilled", False))
+    return not guidance_embeds and not (index.is_file() and bounds.read_json(index).get("is_distilled", False))
 
 
 def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device,
                      memory: MemoryStrategy | None = None) -> Flux2Transformer:
     """The DiT of a diffusers transformer/ folder; ``memory``'s while_loading hook (quantize) runs as it loads."""
-    config = read_transformer_config(folder)
+    config = TransformerConfig.read(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Transformer(config), ckpt, what="transformer", memory=memory,
                               key_map=keymap.from_diffusers(config), dtype=dtype, device=device)
 
 
 def load_autoencoder(folder: Path, dtype: torch.dtype, device: torch.device) -> Flux2Autoencoder:
-    config = read_autoencoder_config(folder)
+    config = AutoencoderConfig.read(folder)
     with SafetensorsCheckpoint.open(folder) as ckpt:
         return build_and_load(lambda: Flux2Autoencoder(config), ckpt, what="vae", dtype=dtype, device=device)
 
@@ -245,14 +226,14 @@ class Flux2(LoraSupport, ModelFamily):
         """The ``limits`` the loaded model will have, from config files and headers alone: a preset's own
         definition (or its folder, once built), a single file's tensor shapes, a folder's config.json files."""
         if config.model.preset is not None:
-            from .presets import preset_limits
+            from .presets import preset_configs
 
-            return preset_limits(cls._preset(config))
+            return model_limits(*preset_configs(cls._preset(config)))
         if single_file.is_single_file(config):
             return model_limits(*single_file.configs(config))
         check_folder(config.model_path)
-        return model_limits(read_transformer_config(config.model_path / "transformer"),
-                            read_autoencoder_config(config.model_path / "vae"))
+        return model_limits(TransformerConfig.read(config.model_path / "transformer"),
+                            AutoencoderConfig.read(config.model_path / "vae"))
 
     @classmethod
     def load(cls, config, memory):
@@ -336,7 +317,7 @@ class Flux2(LoraSupport, ModelFamily):
         else:
             folder = cls.folder_for(config)
             check_folder(folder)
-            guidance_embeds = _read_json(folder / "transformer" / "config.json").get("guidance_embeds", True)
+            guidance_embeds = bounds.read_json(folder / "transformer" / "config.json").get("guidance_embeds", True)
         base = is_base_model(folder, guidance_embeds)
         if negative_prompt and not base:
             raise RequestError("this checkpoint is guidance-distilled: it runs no classifier-free guidance, so a "

@@ -52,15 +52,14 @@ def tiny_configs(text_hidden: int, *, klein: bool) -> tuple[TransformerConfig, A
     return transformer, AutoencoderConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 
 
-def preset_limits(name: str):
-    """The preset's ModelLimits without building it: from its folder's config files once built, else from
-    ``tiny_configs`` (which the build writes, so both give the same)."""
-    from .family import model_limits, read_autoencoder_config, read_transformer_config
-
+def preset_configs(name: str) -> tuple[TransformerConfig, AutoencoderConfig]:
+    """The preset's transformer and autoencoder configs without building it (what its limits follow from): from
+    its folder's config files once built, else from ``tiny_configs`` (which the build writes, so both agree on
+    every size but the text width, which the limits do not depend on)."""
     folder = _folder(name)
     if (folder / "model_index.json").exists():
-        return model_limits(read_transformer_config(folder / "transformer"), read_autoencoder_config(folder / "vae"))
-    return model_limits(*tiny_configs(1, klein=name == "tiny-klein"))  # the text width does not matter here
+        return TransformerConfig.read(folder / "transformer"), AutoencoderConfig.read(folder / "vae")
+    return tiny_configs(1, klein=name == "tiny-klein")
 
 
 def _write_json(path: Path, data: dict) -> None:

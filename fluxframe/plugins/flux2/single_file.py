@@ -28,10 +28,12 @@ import torch
 from fluxframe.core.checkpoint import SafetensorsCheckpoint, build_and_load, check_weight_files, fingerprint
 from fluxframe.core.interfaces import MemoryStrategy
 from fluxframe.errors import CheckpointError, ConfigError
+from fluxframe.plugins.common import bounds
+from fluxframe.plugins.common.dit import check_sizes
+from fluxframe.plugins.common.loading import DTYPES, resolve_device
 
-from . import bounds
 from .autoencoder import AutoencoderConfig, Flux2Autoencoder
-from .transformer import Flux2Transformer, TransformerConfig, check_sizes
+from .transformer import Flux2Transformer, TransformerConfig
 
 #: Known FLUX.2 DiTs by (hidden size, double blocks, single blocks, text width, guidance embedder).
 VARIANTS = {
@@ -165,7 +167,8 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]], file: str = "<chec
                               key="single_blocks.0.norm.query_norm.scale")
     config = TransformerConfig(
         in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,
-        num_layers=_count(shapes, r"double_blocks\.(\d+)\."), num_single_layers=_count(shapes, r"single_blocks\.(\d+)\."),
+        num_layers=_count(shapes, r"double_blocks\.(\d+)\."),
+        num_single_layers=_count(shapes, r"single_blocks\.(\d+)\."),
         attention_head_dim=head_dim, num_attention_heads=hidden // head_dim, joint_attention_dim=joint,
         timestep_guidance_channels=t_channels, mlp_ratio=mlp_hidden / hidden, axes_dims_rope=(head_dim // 4,) * 4,
         guidance_embeds="guidance_in.in_layer.weight" in shapes,
@@ -291,8 +294,6 @@ def load_autoencoder(file: Path, dtype: torch.dtype, device: torch.device) -> Fl
 
 def load(family_cls, config, memory):
     """A ``family_cls`` (Flux2) instance from single files; its text encoder loads from ``text_encoder``."""
-    from .family import DTYPES, resolve_device
-
     dit, vae_file, te = paths(config)
     device, dtype = resolve_device(config.model.device), DTYPES[config.model.dtype]
     transformer = load_transformer(dit, dtype, memory.load_device("transformer", device), memory)

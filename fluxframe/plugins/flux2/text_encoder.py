@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from fluxframe.errors import CheckpointError
-
-from . import bounds
+from fluxframe.plugins.common import bounds
+from fluxframe.plugins.common.loading import require_safetensors
 
 SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
@@ -40,7 +40,6 @@ UPSAMPLING_SYSTEM_MESSAGE = (
     "nothing else."
 )
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Config fields that say how a model was loaded or run, not what it computes; they must not change the identity.
 _VOLATILE_CONFIG_KEYS = {
     "transformers_version",
@@ -65,7 +64,7 @@ def read_encoder_config(folder: Path, model_type: str, label: str):
         raise CheckpointError("the text encoder folder does not exist", file=str(folder))
     if not config_file.is_file():
         raise CheckpointError("the text encoder folder has no config.json", file=str(config_file))
-    _require_safetensors(folder)
+    require_safetensors(folder)
     bounds.text_encoder_config(folder)  # before transformers builds anything from its sizes
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -236,19 +235,6 @@ def generate_text(model, tokenizer, messages: list[dict], *, max_new_tokens: int
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def _require_safetensors(folder: Path) -> None:
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickled:
-        raise CheckpointError(
-            f"only pickled weights ({', '.join(pickled)}); fluxframe loads safetensors only, since unpickling "
-            "can run arbitrary code. Convert the checkpoint to .safetensors",
-            file=str(folder),
-        )
-    raise CheckpointError("no .safetensors weights in the text encoder folder", file=str(folder))
 
 
 def _load_tokenizer(folder: Path):

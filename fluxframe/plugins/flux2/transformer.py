@@ -8,75 +8,29 @@ RoPE table per forward keep the number of kernel launches low.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fluxframe.errors import CheckpointError
-
-from . import bounds
-
-
-def config_from_dict(cls, d: dict, *, source: str, what: str):
-    """A transformer config dataclass from a diffusers config.json: "_" keys skipped, lists made tuples,
-    an unknown key a CheckpointError naming it (a setting we ignored could change the math), every value
-    of the right type and within sane bounds (``check_sizes``)."""
-    known = {f.name for f in fields(cls)}
-    values = {}
-    for key, value in d.items():
-        if key.startswith("_"):
-            continue
-        if key not in known:
-            raise CheckpointError(f"unknown {what} transformer setting; is this a {what} checkpoint?",
-                                  file=source, key=key)
-        values[key] = tuple(value) if isinstance(value, list) else value
-    config = check_sizes(cls(**values), source)
-    if config.patch_size != 1:
-        raise CheckpointError("only patch_size 1 is supported", file=source, key="patch_size")
-    return config
-
-
-def check_sizes(config, source: str, names: dict[str, str] | None = None):
-    """``config`` (a FLUX.2 or Flux.1 transformer config) if every field has its type and sane bounds (see
-    bounds.py), else a CheckpointError naming ``source`` and the field, or ``names[field]`` where the sizes
-    were read from something else (a single file's tensors). Nothing is built before this passes."""
-    names = names or {}
-    for f in fields(config):
-        value, key = getattr(config, f.name), names.get(f.name, f.name)
-        if f.name in ("num_layers", "num_single_layers"):  # no blocks of one kind is a valid (if odd) DiT
-            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_BLOCKS, minimum=0)
-        elif f.name == "num_attention_heads":
-            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_HEADS)
-        elif f.name == "rope_theta":
-            bounds.number(value, file=source, key=key)
-        elif f.name == "mlp_ratio":
-            bounds.number(value, file=source, key=key, maximum=bounds.MAX_MLP_RATIO)
-        elif f.name == "eps":
-            bounds.number(value, file=source, key=key, maximum=1.0, below=True)
-        elif f.type == "bool":
-            if not isinstance(value, bool):
-                raise CheckpointError(f"expected true or false, got {bounds.short(value)}", file=source, key=key)
-        elif f.type.startswith("tuple"):
-            bounds.integers(value, file=source, key=key, maximum=bounds.MAX_WIDTH, max_len=bounds.MAX_AXES)
-        elif f.type == "int" or value is not None:  # "int | None": null means "as in_channels"
-            bounds.integer(value, file=source, key=key, maximum=bounds.MAX_WIDTH)
-    hidden = config.num_attention_heads * config.attention_head_dim
-    if hidden > bounds.MAX_WIDTH:
-        raise CheckpointError(f"{config.num_attention_heads} heads of {config.attention_head_dim} make a hidden size "
-                              f"of {hidden}, more than {bounds.MAX_WIDTH}", file=source,
-                              key=names.get("num_attention_heads", "num_attention_heads"))
-    # Per block, about (4 + 3 * mlp_ratio) * hidden^2 weights; a double block has two streams.
-    deepest = "num_layers" if 2 * config.num_layers >= config.num_single_layers else "num_single_layers"
-    count = (2 * config.num_layers + config.num_single_layers) * (4 + 3 * config.mlp_ratio) * hidden * hidden
-    bounds.parameters(count, file=source, key=names.get(deepest, deepest), what="transformer")
-    return config
+from fluxframe.plugins.common import bounds
+from fluxframe.plugins.common.dit import (
+    DiTShape,
+    QKNorm,
+    attention,
+    clip_fp16,
+    config_from_dict,
+    modulate,
+    rope_table,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(DiTShape):
     """Shape of a FLUX.2 DiT. Field names follow diffusers' ``transformer/config.json``."""
 
     in_channels: int = 128
@@ -94,14 +48,6 @@ class TransformerConfig:
     guidance_embeds: bool = True
     patch_size: int = 1
 
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
-
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> TransformerConfig:
         config = config_from_dict(cls, d, source=source, what="FLUX.2")
@@ -113,68 +59,17 @@ class TransformerConfig:
             )
         return config
 
+    @classmethod
+    def read(cls, folder: Path) -> TransformerConfig:
+        """From a diffusers ``transformer/`` folder's config.json (size-capped, checked as ``from_dict`` checks)."""
+        return cls.from_dict(bounds.read_json(folder / "config.json"), source=str(folder / "config.json"))
+
     def to_dict(self) -> dict:
         d = {"_class_name": "Flux2Transformer2DModel"}
         for f in fields(self):
             value = getattr(self, f.name)
             d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t·1000, cosine half first, computed in fp32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def rope_table(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, ...]:
-    """The rotations for 4-axis position ids (S, 4): a complex64 table cos + i·sin, (S, head_dim/2),
-    or on MPS, which lacks complex kernels, the pair (cos, sin).
-
-    Angles are computed in float64 where the device has it: positions reach the thousands and
-    fp32 angles would drift from the reference implementation.
-    """
-    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
-    angles = []
-    for axis, dim in enumerate(axes_dims):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim))
-        angles.append(ids[:, axis].to(dtype)[:, None] * inv_freq[None])
-    angles = torch.cat(angles, dim=-1)
-    if ids.device.type == "mps":
-        return angles.cos().float(), angles.sin().float()
-    return (torch.polar(torch.ones_like(angles), angles).to(torch.complex64),)
-
-
-def apply_rope(x: torch.Tensor, *table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) of x (B, H, S, D) by the angles, in fp32: one complex
-    multiply (a single pass over x), or the real-valued form where the table is (cos, sin)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if len(table) == 1:
-        return torch.view_as_real(torch.view_as_complex(pairs) * table[0]).flatten(-2).to(x.dtype)
-    cos, sin = table
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
-
-
-class QKNorm(nn.Module):
-    """Per-head RMSNorm of queries and keys, with learned scales."""
-
-    def __init__(self, head_dim: int, eps: float):
-        super().__init__()
-        self.query_norm = _RMSScale(head_dim, eps)
-        self.key_norm = _RMSScale(head_dim, eps)
-
-
-class _RMSScale(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.scale, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -202,20 +97,6 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
-
-
-def _attention(q, k, v, rope, q_rope=None, attn_mask=None) -> torch.Tensor:
-    q, k = apply_rope(q, *(q_rope or rope)), apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return out.transpose(1, 2).flatten(2)
-
-
-def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
 class DoubleBlock(nn.Module):
     """Separate weights for image and text tokens, one joint attention over [text, image]."""
 
@@ -228,19 +109,20 @@ class DoubleBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, heads, eps)
         self.txt_mlp = _mlp(dim, hidden)
 
-    def forward(self, img, txt, img_mod, txt_mod, rope):
+    def forward(self, img, txt, img_mod, txt_mod, rope, attn_mask=None):
         (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = img_mod
         (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = txt_mod
-        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift1, i_scale1, self.eps))
-        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift1, t_scale1, self.eps))
-        attn = _attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope)
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1, self.eps))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1, self.eps))
+        attn = attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), rope,
+                         attn_mask=attn_mask)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2, self.eps)))
+        img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2, self.eps)))
         txt = torch.addcmul(txt, t_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2, self.eps)))
-        return _clip_fp16(img), _clip_fp16(txt)
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2, self.eps)))
+        return clip_fp16(img), clip_fp16(txt)
 
 
 class SingleBlock(nn.Module):
@@ -256,7 +138,7 @@ class SingleBlock(nn.Module):
         self.norm = QKNorm(dim // heads, eps)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x, mod, rope, skip: int = 0):
+    def forward(self, x, mod, rope, skip: int = 0, attn_mask=None):
         """skip > 0 returns only tokens skip: onwards (the last block, whose text outputs nobody reads):
         the skipped tokens still serve as keys and values, but get no queries, MLP or output projection.
 
@@ -265,7 +147,7 @@ class SingleBlock(nn.Module):
         shift, scale, gate = mod
         dim = self.linear2.out_features
         w1, w2 = getattr(self.linear1, "weight", None), getattr(self.linear2, "weight", None)
-        h = _modulate(x, shift, scale, self.eps)
+        h = modulate(x, shift, scale, self.eps)
         if w1 is not None:
             qkv, mlp = F.linear(h, w1[: 3 * dim]), F.linear(h[:, skip:], w1[3 * dim :])
         else:  # a layer with no plain weight to slice (a LoRA side path): the module as a whole
@@ -273,13 +155,13 @@ class SingleBlock(nn.Module):
             mlp = mlp[:, skip:]
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q_rope = tuple(r[skip:] for r in rope) if skip else None
-        attn = _attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope)
+        attn = attention(self.norm.query_norm(q[:, :, skip:]), self.norm.key_norm(k), v, rope, q_rope, attn_mask)
         if w2 is not None:
             out = F.linear(attn, w2[:, :dim])
             out.view(-1, dim).addmm_(self.mlp_act(mlp).flatten(0, -2), w2[:, dim:].t())
         else:
             out = self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
-        return _clip_fp16(torch.addcmul(x[:, skip:], gate, out))
+        return clip_fp16(torch.addcmul(x[:, skip:], gate, out))
 
 
 class MLPEmbedder(nn.Module):
@@ -313,7 +195,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, eps: float) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(_modulate(x, shift, scale, eps))
+        return self.linear(modulate(x, shift, scale, eps))
 
 
 class Flux2Transformer(nn.Module):
@@ -350,11 +232,15 @@ class Flux2Transformer(nn.Module):
         txt_ids: torch.Tensor,
         timesteps: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), ids (N, 4) / (L, 4),
-        timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out)."""
+        timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out).
+        ``attn_bias`` (L + N,), if given, is added to every attention's logits per key (text keys first, then
+        image keys, as the blocks order them); training uses it to let sampled padding keys stand for all."""
         dtype = self.dtype
         cfg = self.config
+        mask = None if attn_bias is None else attn_bias.to(dtype).view(1, 1, 1, -1)
         vec = self.time_in(timestep_embedding(timesteps, cfg.timestep_guidance_channels).to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -368,11 +254,11 @@ class Flux2Transformer(nn.Module):
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         for block in self.double_blocks:
-            img, txt = block(img, txt, img_mod, txt_mod, rope)
+            img, txt = block(img, txt, img_mod, txt_mod, rope, mask)
 
         x = torch.cat([txt, img], dim=1)
         (single_mod,) = self.single_stream_modulation(vec)
         for i, block in enumerate(self.single_blocks):
             last = i == len(self.single_blocks) - 1
-            x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0)
+            x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0, attn_mask=mask)
         return self.final_layer(x if self.single_blocks else x[:, txt.shape[1] :], vec, cfg.eps)

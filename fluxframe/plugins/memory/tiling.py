@@ -77,7 +77,8 @@ def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: int,
 
 
 def _scale(coder: nn.Module) -> int:
-    """How many pixels one latent pixel spans for this encoder/decoder (_Coder): 2 per resampling level."""
+    """How many pixels one latent pixel spans for this encoder/decoder (``plugins.common.autoencoder.Coder``):
+    2 per resampling level."""
     levels = getattr(coder, getattr(coder, "_levels", ""), None)
     if levels is None:
         raise ValueError(f"vae-tiling does not know the autoencoder part {type(coder).__name__}")

@@ -1,4 +1,4 @@
-"""Sane bounds on the sizes a model config claims, checked before anything is built.
+"""Sane bounds on the sizes a model config claims (every built-in family's), checked before anything is built.
 
 A config.json, or the header of a single-file checkpoint, is data from wherever the checkpoint came from. One
 claiming 10^7 blocks or 10^6 autoencoder levels would otherwise spend minutes building modules (even on the meta
