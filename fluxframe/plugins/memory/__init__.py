@@ -13,12 +13,20 @@ They compose: ``strategy = ["group-offload", "model-offload", "vae-tiling"]`` (o
 
 from __future__ import annotations
 
+import importlib
+
 from fluxframe.core.hookspecs import hookimpl
 from fluxframe.core.interfaces import MemoryStrategy
 
-from .offload import GroupOffload, ModelOffload
-from .quantize import Quantize
-from .tiling import VaeTiling
+# The strategies' modules import torch: they load when a strategy is asked for, not when the plugin is found
+# (so `fluxframe --help` does not pay for torch).
+_LAZY = {"GroupOffload": ".offload", "ModelOffload": ".offload", "Quantize": ".quantize", "VaeTiling": ".tiling"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class KeepOnDevice(MemoryStrategy):
@@ -30,6 +38,10 @@ class KeepOnDevice(MemoryStrategy):
 
 @hookimpl(trylast=True)
 def register_memory_strategies(register):
+    from .offload import GroupOffload, ModelOffload
+    from .quantize import Quantize
+    from .tiling import VaeTiling
+
     register("none", KeepOnDevice)
     register("model-offload", ModelOffload)
     register("group-offload", GroupOffload)
