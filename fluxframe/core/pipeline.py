@@ -422,6 +422,19 @@ class Pipeline:
             self._audit_failure(run, exc)
             raise
 
+    def generate_many(self, requests: list[GenerationRequest], *, progress: Callable[[StepInfo], None] | None = None,
+                      write: bool = True) -> list[GenerationResult | FluxframeError]:
+        """Several requests, each exactly as ``generate`` makes it (filters, postprocessors and audit line per image).
+        Returns one entry per request, in order: its result, or the FluxframeError (Blocked, RequestError ...) that
+        stopped it; one bad request does not stop the others. (Requests run one by one for now.)"""
+        out: list[GenerationResult | FluxframeError] = []
+        for request in requests:
+            try:
+                out.append(self.generate(request, progress=progress, write=write))
+            except FluxframeError as exc:
+                out.append(exc)
+        return out
+
     # -- the stages, each reading and writing the run's state ---------------------------------------
 
     def validate(self, run: Run) -> None:
