@@ -154,7 +154,23 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     enc.add_argument("--output", required=True, type=Path, help="the embeddings file (.safetensors)")
     enc.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
+    bat = sub.add_parser("batch", help="generate every request of a .txt, .jsonl or .csv file with one model load",
+                         description="See docs/batch.md. Exit codes: 0 all written, 3 some blocked and none failed, "
+                                     "1 any failed (or the file cannot run at all).")
+    bat.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
+    bat.add_argument("requests", type=Path, metavar="REQUESTS", help="a .txt (one prompt a line), .jsonl (one "
+                     "request object a line) or .csv (with a header; a prompt column) file")
+    bat.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
+                     help="consecutive requests run together (capped by [sampler] max_batch_size; default 1)")
+    bat.add_argument("--resume", action="store_true", help="continue the results file: skip the items already "
+                     "released or blocked (by the results file, else by the audit log)")
+    bat.add_argument("--fail-fast", action="store_true", help="stop at the first failed item (not at a block)")
+    bat.add_argument("--results", type=Path, metavar="FILE",
+                     help="the results file (default: results.jsonl in the config's output folder)")
+    bat.add_argument("--no-progress", action="store_true", help="no progress bar or per-item lines")
+
     gen.set_defaults(**{RUN: cmd_generate})
+    bat.set_defaults(**{RUN: cmd_batch})
     enc.set_defaults(**{RUN: cmd_encode})
     if host is None:
         from fluxframe.core.plugins import PluginHost
@@ -296,6 +312,51 @@ def cmd_generate(args) -> int:
           f"{result.width}x{result.height}, {result.timings['total']:.1f} s", file=sys.stderr)
     print(result.path)
     return 0
+
+
+def cmd_batch(args) -> int:
+    """Check the file and the results file, load once, run (fluxframe.core.batch), report per item."""
+    from fluxframe import api
+    from fluxframe.core import batch
+
+    config = api.load_config(args.config)
+    results = (args.results or config.output_dir / "results.jsonl").absolute()
+    total = batch.scan(args.requests)  # a file that cannot run at all stops here, before weights load
+    if not args.resume and results.exists() and results.stat().st_size:
+        raise RequestError(f"{results} exists: --resume to continue that run, or --results for another file",
+                           field="--results")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    pipeline = api.load(config)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="batch", unit="item", file=sys.stderr)
+
+    def report(outcome, summary) -> None:
+        record = outcome.record
+        if outcome.status == "error":
+            print(f"fluxframe: error: {record['error']}", file=sys.stderr)
+        seen = summary.done + summary.blocked + summary.failed + summary.skipped
+        if bar is not None:
+            bar.update(seen - bar.n)
+            bar.set_postfix(done=summary.done, blocked=summary.blocked, failed=summary.failed, refresh=False)
+        elif not args.no_progress:
+            where = record["output"] or "; ".join(record["reasons"])
+            print(f"[{seen}/{total}] line {record['line']} {outcome.status}: {where}",
+                  file=sys.stderr, flush=True)
+
+    try:
+        summary = batch.run_batch(pipeline, args.requests, results=results, output_dir=config.output_dir,
+                                  batch_size=args.batch_size, resume=args.resume, fail_fast=args.fail_fast,
+                                  report=report)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{summary.done} written, {summary.blocked} blocked, {summary.failed} failed, {summary.skipped} skipped "
+          f"(already done){'; stopped at the first failure' if summary.stopped else ''}; results: {results}",
+          file=sys.stderr)
+    return summary.exit_code
 
 
 def cmd_encode(args) -> int:
