@@ -5,6 +5,7 @@ references, Flex.2 inpaint + control — while filters, outputs and audit lines 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from fluxframe.core.audit import verify_log
 from fluxframe.core.types import GenerationResult
 from fluxframe.errors import Blocked, ConfigError, RequestError
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pipeline(model, host=None, **sections):
@@ -150,3 +151,25 @@ def test_max_batch_size_bounds():
     with pytest.raises(ConfigError):
         api.parse_config({"model": {"preset": "tiny"}, "sampler": {"max_batch_size": 0}})
     assert api.parse_config({"model": {"preset": "tiny"}}).sampler.max_batch_size == 8
+
+
+def test_prompt_embeddings_files_batch_together_and_apart_from_prompts(tmp_path):
+    config = api.parse_config({"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
+                               "sampler": {"steps": 2, "width": 64, "height": 64}})
+    files = [api.encode(config, p, tmp_path / f"e{i}.safetensors") for i, p in enumerate(("a cat", "a red boat"))]
+    pipeline = api.load(config)
+    requests = [api.GenerationRequest(prompt_embeds=f, seed=s) for f, s in zip(files, (1, 2), strict=True)]
+    assert_batched_equals_single(pipeline, requests, "tiny, embeddings files")
+    sizes = _batches(pipeline)
+    mixed = pipeline.generate_many(requests + [api.GenerationRequest(prompt="a cat", seed=3)], write=False)
+    assert all(isinstance(r, GenerationResult) for r in mixed) and sorted(sizes) == [1, 1, 2, 2], sizes
+
+
+def test_a_family_that_does_not_batch_runs_one_by_one():
+    pipeline = _pipeline({"preset": "tiny-klein"})
+    pipeline.stages.model.batched = False  # as a plugin family that never declared it
+    sizes = _batches(pipeline)
+    requests = [api.GenerationRequest(prompt="a cat", seed=s) for s in (1, 2, 3)]
+    results = pipeline.generate_many(requests, write=False)
+    assert sizes == [1] * 6 and all(isinstance(r, GenerationResult) for r in results)
+    assert np.array_equal(np.asarray(results[1].image), np.asarray(pipeline.generate(requests[1], write=False).image))
