@@ -173,3 +173,18 @@ def test_a_family_that_does_not_batch_runs_one_by_one():
     results = pipeline.generate_many(requests, write=False)
     assert sizes == [1] * 6 and all(isinstance(r, GenerationResult) for r in results)
     assert np.array_equal(np.asarray(results[1].image), np.asarray(pipeline.generate(requests[1], write=False).image))
+
+
+def test_a_crash_in_a_batch_still_leaves_one_audit_line_per_request(tmp_path, host):
+    log = tmp_path / "audit.jsonl"
+    pipeline = _pipeline({"preset": "tiny-klein"}, host=host, safety={"audit_log": str(log)},
+                         output={"dir": str(tmp_path / "out")})
+    pipeline.stages.model.decode = lambda latents: (_ for _ in ()).throw(ValueError("decoder bug"))
+    requests = [api.GenerationRequest(prompt="a cat", seed=s, request_id=f"r{s}", width=w)
+                for s, w in ((1, 64), (2, 64), (3, 32))]
+    with pytest.raises(ValueError, match="decoder bug"):
+        pipeline.generate_many(requests)
+    lines = [x for x in map(json.loads, log.read_text().splitlines()) if x.get("event") == "request"]
+    assert sorted((x["request_id"], x["action"]) for x in lines) == [("r1", "error"), ("r2", "error"),
+                                                                     ("r3", "error")]
+    assert verify_log(log).ok and not list((tmp_path / "out").glob("*.png"))

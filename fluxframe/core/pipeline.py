@@ -449,15 +449,21 @@ class Pipeline:
         for i, run in runs:
             groups.setdefault(batch_key(run, i, self.stages.model.batched), []).append((i, run))
         size = self.config.sampler.max_batch_size
-        for members in groups.values():
-            for at in range(0, len(members), size):
-                batch = members[at:at + size]
-                with torch.inference_mode():
-                    batch = self._batch(batch, out, progress)
-                for i, run in batch:
-                    if self._item(run, i, out, self._finish):
-                        run.timings["total"] = time.perf_counter() - started[i]
-                        out[i] = run.result(self.stages.model.name)
+        try:
+            for members in groups.values():
+                for at in range(0, len(members), size):
+                    batch = members[at:at + size]
+                    with torch.inference_mode():
+                        batch = self._batch(batch, out, progress)
+                    for i, run in batch:
+                        if self._item(run, i, out, self._finish):
+                            run.timings["total"] = time.perf_counter() - started[i]
+                            out[i] = run.result(self.stages.model.name)
+        except BaseException as exc:  # a bug or an interrupt ends the call: the requests not run get their line too
+            for i, run in runs:
+                if out[i] is None:
+                    self._audit_failure(run, exc)
+            raise
         return out
 
     def _item(self, run: Run, index: int, out: list[Any], stages: Callable[[Run], None]) -> bool:
