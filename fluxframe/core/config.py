@@ -61,7 +61,8 @@ class SamplerSection(_Section):
     width: int = Field(1024, ge=16, le=4096)
     height: int = Field(1024, ge=16, le=4096)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    # the most requests `fluxframe batch --batch-size` (generate_many) runs together: a deployment's memory cap
+    # Pipeline.generate_many runs at most this many requests through the model at once (memory grows with it);
+    # it caps `fluxframe batch --batch-size`.
     max_batch_size: int = Field(8, ge=1, le=256)
 
     @field_validator("guidance", mode="before")

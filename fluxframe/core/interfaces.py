@@ -44,6 +44,10 @@ class ModelFamily(ABC):
     limits: ModelLimits
     default_steps: ClassVar[int] = 50
     default_guidance: ClassVar[float] = 4.0
+    #: Whether ``encode_prompts``, ``predict`` (with text, extra tokens and channel groups of batch B) and ``decode``
+    #: take B images at once and give each what it gets alone; ``Pipeline.generate_many`` then runs compatible
+    #: requests as one batch. False: it runs them one by one.
+    batched: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -45,7 +45,7 @@ from fluxframe.core.output import (
     template_name,
 )
 from fluxframe.core.plugins import PluginHost
-from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, StepInfo
+from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, Latents, StepInfo
 from fluxframe.errors import (
     Blocked,
     ConfigError,
@@ -424,16 +424,167 @@ class Pipeline:
 
     def generate_many(self, requests: list[GenerationRequest], *, progress: Callable[[StepInfo], None] | None = None,
                       write: bool = True) -> list[GenerationResult | FluxframeError]:
-        """Several requests, each exactly as ``generate`` makes it (filters, postprocessors and audit line per image).
-        Returns one entry per request, in order: its result, or the FluxframeError (Blocked, RequestError ...) that
-        stopped it; one bad request does not stop the others. (Requests run one by one for now.)"""
-        out: list[GenerationResult | FluxframeError] = []
-        for request in requests:
-            try:
-                out.append(self.generate(request, progress=progress, write=write))
-            except FluxframeError as exc:
-                out.append(exc)
+        """Several requests, each exactly as ``generate`` makes it (validation, read-once inputs, filters,
+        conditioning, postprocessors, release and audit line per image), with compatible ones (same size, steps,
+        guidance, conditioners and conditioning layout; see fluxframe.core.batching) run through the model together:
+        one text encoding, one DiT call per step and one decoding for up to ``[sampler] max_batch_size`` of them.
+        Each image is the one the request gives alone (its own seed's noise). Returns one entry per request, in
+        order: its result, or the FluxframeError (Blocked, RequestError ...) that stopped it; a request blocked or
+        failing drops out of its batch and the others go on. Timings of the batched stages are the batch's time
+        shared equally among its images; ``total`` is each request's wall time from its validation to its release.
+        ``progress`` is called for the steps of each batch."""
+        import torch
+
+        from fluxframe.core.batching import batch_key
+
+        out: list[Any] = [None] * len(requests)
+        started: dict[int, float] = {}
+        runs: list[tuple[int, Run]] = []
+        for i, request in enumerate(requests):
+            started[i] = time.perf_counter()
+            run = Run(request, write=write)
+            if self._item(run, i, out, self._front):
+                runs.append((i, run))
+        groups: dict[tuple, list[tuple[int, Run]]] = {}
+        for i, run in runs:
+            groups.setdefault(batch_key(run, i, self.stages.model.batched), []).append((i, run))
+        size = self.config.sampler.max_batch_size
+        try:
+            for members in groups.values():
+                for at in range(0, len(members), size):
+                    batch = members[at:at + size]
+                    with torch.inference_mode():
+                        batch = self._batch(batch, out, progress)
+                    for i, run in batch:
+                        if self._item(run, i, out, self._finish):
+                            run.timings["total"] = time.perf_counter() - started[i]
+                            out[i] = run.result(self.stages.model.name)
+        except BaseException as exc:  # a bug or an interrupt ends the call: the requests not run get their line too
+            for i, run in runs:
+                if out[i] is None:
+                    self._audit_failure(run, exc)
+            raise
         return out
+
+    def _item(self, run: Run, index: int, out: list[Any], stages: Callable[[Run], None]) -> bool:
+        """Per-request stages of ``generate_many``, failing as ``generate`` fails: a block is already audited, any
+        other failure is audited as an error; a FluxframeError becomes this request's entry, anything else is
+        raised. True when the request goes on."""
+        try:
+            stages(run)
+            return True
+        except Blocked as exc:
+            out[index] = exc
+        except Exception as exc:
+            self._audit_failure(run, exc)
+            if not isinstance(exc, FluxframeError):
+                raise
+            out[index] = exc
+        return False
+
+    def _front(self, run: Run) -> None:
+        """Everything ``generate`` does before the model runs, and the conditioners, whose tensors are per image."""
+        import torch
+
+        self.validate(run)
+        with run.timed("input_filters"):
+            self.read_inputs(run)
+            self.filter_inputs(run)
+        with run.timed("prompt_upsampling", when=run.request.upsample_prompt):
+            self.upsample_prompt(run)
+        with torch.inference_mode():
+            if run.text is not None:  # embeddings from a file: the checks of encode_text, per request
+                self.encode_text(run)
+            self.condition(run)
+
+    def _finish(self, run: Run) -> None:
+        with run.timed("output_filters"):
+            self.filter_output(run)
+        with run.timed("postprocessing"):
+            self.postprocess(run)
+            self.release(run)
+
+    def _batch(self, batch: list[tuple[int, Run]], out: list[Any],
+               progress: Callable[[StepInfo], None] | None) -> list[tuple[int, Run]]:
+        """Text encoding, denoising and decoding of one batch; the requests that come through. A failure here
+        is every request's of the batch (each audited)."""
+        runs = [run for _, run in batch]
+        try:
+            if len(runs) == 1:  # exactly generate's stages
+                run = runs[0]
+                with run.timed("text_encoding"):
+                    self.encode_text(run)
+                with run.timed("denoising"):
+                    self.denoise(run, progress)
+                with run.timed("decoding"):
+                    self.decode(run)
+            else:
+                text = self._shared(runs, "text_encoding", self._encode_batch)
+                self._shared(runs, "denoising", lambda rs: self._denoise_batch(rs, text, progress))
+                self._shared(runs, "decoding", self._decode_batch)
+            return batch
+        except Exception as exc:
+            for i, run in batch:
+                self._audit_failure(run, exc)
+                out[i] = exc
+            if not isinstance(exc, FluxframeError):
+                raise
+            return []
+
+    @staticmethod
+    def _shared(runs: list[Run], stage: str, fn: Callable[[list[Run]], Any]) -> Any:
+        started = time.perf_counter()
+        value = fn(runs)
+        for run in runs:
+            run.timings[stage] = (time.perf_counter() - started) / len(runs)
+        return value
+
+    def _encode_batch(self, runs: list[Run]) -> Any:
+        """The batch's TextConditioning: its prompts encoded at once, or its embeddings files stacked."""
+        from fluxframe.core.batching import stack_text
+
+        model, first = self.stages.model, runs[0]
+        if first.text is not None:  # embeddings files, checked per request in _front
+            texts = [run.text for run in runs]
+        else:
+            texts = [model.encode_prompts([run.upsampled if run.upsampled is not None else run.request.prompt
+                                           for run in runs])]
+            if model.true_cfg(first.settings.guidance):  # as encode_text: "" unless a negative prompt is given
+                texts[0].negative = model.encode_prompts([run.request.negative_prompt or "" for run in runs])
+        return stack_text(texts) if len(texts) > 1 else texts[0]
+
+    def _denoise_batch(self, runs: list[Run], text: Any, progress: Callable[[StepInfo], None] | None) -> None:
+        """Each request's own noise, concatenated, through the sampler as one batch; each gets its rows back."""
+        import torch
+
+        from fluxframe.core.batching import stack_conditioning
+
+        model, settings = self.stages.model, runs[0].settings
+        noise = [model.initial_noise(run.settings.seed, settings.width, settings.height) for run in runs]
+        ids, grid = noise[0].ids, noise[0].grid
+        sigmas = model.sigmas(settings.steps, noise[0].tokens.shape[1])
+
+        def velocity(x, sigma, step):
+            for run in runs:  # each request's hooks see its own conditioning, as alone
+                for hook in run.conditioning.step_hooks:
+                    hook(step, settings.steps, run.conditioning)
+            conditioning = stack_conditioning([run.conditioning for run in runs])
+            return model.predict(x, ids, sigma, text, conditioning, settings.guidance)
+
+        tokens = self.stages.sampler.sample(torch.cat([n.tokens for n in noise]), sigmas, velocity, progress)
+        for k, run in enumerate(runs):
+            run.latents = Latents(tokens=tokens[k:k + 1], ids=ids, grid=grid)
+
+    def _decode_batch(self, runs: list[Run]) -> None:
+        import torch
+
+        from fluxframe.core.images import to_pil
+
+        first = runs[0].latents
+        images = to_pil(self.stages.model.decode(Latents(tokens=torch.cat([run.latents.tokens for run in runs]),
+                                                         ids=first.ids, grid=first.grid)))
+        for run, image in zip(runs, images, strict=True):
+            run.image = image
 
     # -- the stages, each reading and writing the run's state ---------------------------------------
 

@@ -183,6 +183,7 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
     name = "flex2"
     default_steps = 28
     default_guidance = 3.5
+    batched = True
 
     def __init__(self, transformer: Flux1Transformer, vae: Flux1Autoencoder, *, folder: Path, source: Path,
                  device: torch.device, dtype: torch.dtype, memory: MemoryStrategy):

@@ -177,6 +177,7 @@ class Flux2(LoraSupport, ModelFamily):
     name = "flux2"
     default_steps = 50
     default_guidance = 4.0
+    batched = True
 
     def __init__(self, folder: Path, transformer: Flux2Transformer, vae: Flux2Autoencoder, *, device: torch.device,
                  dtype: torch.dtype, memory: MemoryStrategy):
