@@ -97,6 +97,15 @@ def test_klein_base_true_cfg_demo_model():
                 api.GenerationRequest(prompt="a small green star at the top, on a black background",
                                       negative_prompt="a red circle", seed=9)]
     assert_batched_equals_single(pipeline, requests, "demo (klein base, true CFG)")
+    # Three requests sharing the empty negative prompt: it is encoded once for the group, and each image is still
+    # the one its request gives alone.
+    encoded = []
+    encode = pipeline.stages.model.encode_prompts
+    pipeline.stages.model.encode_prompts = lambda prompts: encoded.append(list(prompts)) or encode(prompts)
+    shared = [api.GenerationRequest(prompt=f"a large {c} square in the centre, on a white background", seed=3 + i)
+              for i, c in enumerate(("red", "blue", "green"))]
+    assert_batched_equals_single(pipeline, shared, "demo (shared empty negative)")
+    assert encoded[-2:] == [[r.prompt for r in shared], [""]]
 
 
 def test_flex2_inpaint_and_control(tmp_path):
@@ -145,6 +154,25 @@ def test_per_item_failures_groups_splits_audit_and_outputs(tmp_path, host):
     assert by_id == {"a": ["allow"], "blocked": ["block"], "b": ["allow"], "invalid": ["error"], "small": ["allow"],
                      "c": ["allow"]}, by_id
     assert verify_log(log).ok
+
+
+def test_encode_unique_encodes_each_text_once_and_keeps_the_order():
+    import torch
+
+    from fluxframe.core.batching import encode_unique
+    from fluxframe.core.types import TextConditioning
+
+    class Model:
+        calls = []
+
+        def encode_prompts(self, prompts):
+            self.calls.append(prompts)
+            value = torch.tensor([[float(len(p))] for p in prompts])
+            return TextConditioning(embeds=value[:, :, None].expand(-1, 3, 2).clone(), ids=torch.zeros(3, 4))
+
+    text = encode_unique(Model(), ["", "ab", "", "abc", "ab"])
+    assert Model.calls == [["", "ab", "abc"]]
+    assert text.embeds[:, 0, 0].tolist() == [0.0, 2.0, 0.0, 3.0, 2.0] and text.ids.shape == (3, 4)
 
 
 def test_max_batch_size_bounds():

@@ -61,6 +61,23 @@ def stack_text(texts: list[TextConditioning]) -> TextConditioning:
     return type(first)(**values)
 
 
+def encode_unique(model: Any, prompts: list[str]) -> TextConditioning:
+    """``model.encode_prompts(prompts)``, each distinct text encoded once (a group under true guidance mostly shares
+    the empty negative prompt): the rows are gathered back into the prompts' order, every tensor field but ``ids``."""
+    unique = list(dict.fromkeys(prompts))
+    text = model.encode_prompts(unique)
+    if len(unique) == len(prompts):
+        return text
+    rows = [unique.index(p) for p in prompts]
+    values = {}
+    for f in dataclasses.fields(text):
+        value = getattr(text, f.name)
+        if f.name not in ("ids", "negative") and isinstance(value, torch.Tensor):
+            value = value[torch.tensor(rows, device=value.device)]
+        values[f.name] = value
+    return type(text)(**values)
+
+
 def stack_conditioning(items: list[Conditioning]) -> Conditioning:
     """The conditionings of the requests of one batch (batch 1 each, same layout: see ``batch_key``) as one: extra
     tokens and channel groups concatenated along the batch dimension. Step hooks are left out: the runner calls

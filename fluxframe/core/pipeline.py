@@ -541,16 +541,16 @@ class Pipeline:
 
     def _encode_batch(self, runs: list[Run]) -> Any:
         """The batch's TextConditioning: its prompts encoded at once, or its embeddings files stacked."""
-        from fluxframe.core.batching import stack_text
+        from fluxframe.core.batching import encode_unique, stack_text
 
         model, first = self.stages.model, runs[0]
         if first.text is not None:  # embeddings files, checked per request in _front
             texts = [run.text for run in runs]
         else:
-            texts = [model.encode_prompts([run.upsampled if run.upsampled is not None else run.request.prompt
+            texts = [encode_unique(model, [run.upsampled if run.upsampled is not None else run.request.prompt
                                            for run in runs])]
             if model.true_cfg(first.settings.guidance):  # as encode_text: "" unless a negative prompt is given
-                texts[0].negative = model.encode_prompts([run.request.negative_prompt or "" for run in runs])
+                texts[0].negative = encode_unique(model, [run.request.negative_prompt or "" for run in runs])
         return stack_text(texts) if len(texts) > 1 else texts[0]
 
     def _denoise_batch(self, runs: list[Run], text: Any, progress: Callable[[StepInfo], None] | None) -> None:
