@@ -20,15 +20,11 @@ __all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "Plugi
            "load", "load_config", "parse_config", "with_loras"]
 
 
-def _host_for(config: Config) -> PluginHost:
-    return PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
-
-
 def load(config: Config | str | Path, *, host: PluginHost | None = None) -> Pipeline:
     """Build a pipeline from a config file or a parsed Config (validated in full before weights load)."""
     if not isinstance(config, Config):
         config = load_config(config)
-    return Pipeline.from_config(config, host or _host_for(config))
+    return Pipeline.from_config(config, host or PluginHost.for_config(config))
 
 
 def with_loras(config: Config | str | Path, loras: list[tuple[str | Path, float]]) -> Config:
@@ -70,7 +66,7 @@ def encode(config: Config | str | Path, prompt: str, output: str | Path, *, nega
         raise RequestError(f"must be text, got {type(prompt).__name__}", field="prompt")
     # the same rules as an image output: never a file the deployment uses, never an existing file unless asked
     output = check_output(config, output, overwrite=overwrite, suffixes={".safetensors": "safetensors"})
-    family = (host or _host_for(config)).get("model_family", config.model.family).factory
+    family = (host or PluginHost.for_config(config)).get("model_family", config.model.family).factory
     family.check(config)
     return family.encode_to_file(config, prompt, output, negative_prompt)
 
@@ -80,4 +76,4 @@ def check_config(config: Config | str | Path, *, host: PluginHost | None = None)
     without loading weights. Returns warnings; raises a FluxframeError naming what is wrong."""
     if not isinstance(config, Config):
         config = load_config(config)
-    return config_warnings(config, host or _host_for(config))
+    return config_warnings(config, host or PluginHost.for_config(config))

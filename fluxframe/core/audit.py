@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fluxframe.core.files import fsync_folder
 from fluxframe.core.hashing import sha256_bytes
 from fluxframe.errors import AuditError, ConfigError
 
@@ -472,21 +473,8 @@ class AuditLog:
             if tmp_fd != -1:
                 os.close(tmp_fd)
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.head_path.parent)
+        fsync_folder(self.head_path.parent)
         return written
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some systems cannot open a folder; the rename still happened
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # -- the deployment's log ----------------------------------------------------------------------------

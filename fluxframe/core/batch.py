@@ -364,8 +364,7 @@ def _file_keys(pipeline: Any) -> Callable[[str], tuple[str, ...]]:
     def keys(name: str) -> tuple[str, ...]:
         if name not in cache:
             try:
-                conditioners = pipeline._conditioners(GenerationRequest(conditioning={name: {}}))
-                cache[name] = tuple(getattr(conditioners.get(name), "file_inputs", ()))
+                cache[name] = tuple(pipeline.file_inputs(name))
             except (AttributeError, FluxframeError):
                 cache[name] = ()  # the run names an unknown conditioner itself, for this item
         return cache[name]

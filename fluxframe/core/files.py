@@ -15,8 +15,25 @@ from pathlib import Path
 
 from fluxframe.errors import OutputError
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+#: The process's umask, read once (reading it means setting it): files and folders fluxframe makes under a private
+#: temporary name get the mode a plain create would have given them before they are renamed into place.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; where a folder cannot be opened or synced, the rename
+    has still happened, so this is best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _temporary(path: Path, kind: str) -> Path:
@@ -58,7 +75,7 @@ def atomic_folder(path: str | Path, build: Callable[[Path], object], *, replace:
         raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     try:
         build(work)
-        os.chmod(work, 0o777 & ~_UMASK)  # mkdtemp's 0700 would become the folder's
+        os.chmod(work, 0o777 & ~UMASK)  # mkdtemp's 0700 would become the folder's
         if replace and path.exists():
             os.replace(path, old)
         try:

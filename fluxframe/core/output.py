@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fluxframe.core.files import UMASK, fsync_folder
 from fluxframe.core.hashing import sha256_bytes, sha256_file
 from fluxframe.errors import OutputError, RequestError
 
@@ -46,8 +47,6 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 #: A temporaries folder younger than this is never swept: its writer may not hold its lock yet.
 SWEEP_GRACE_S = 30.0
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def template_problem(name: str) -> str | None:
@@ -274,7 +273,7 @@ def release(make: Callable[[Path], None], path: Path, *, overwrite: bool,
             digest = sha256_file(tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, 0o666 & ~UMASK)
             if overwrite:
                 os.replace(tmp, path)
             else:
@@ -283,7 +282,7 @@ def release(make: Callable[[Path], None], path: Path, *, overwrite: bool,
             raise OutputError(f"{path}: exists (it appeared while the image was made); not replaced") from None
         except OSError as exc:
             raise OutputError(f"{path}: cannot write the image: {exc.strerror or exc}") from exc
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
         try:
             record(digest)
         except BaseException:
@@ -309,18 +308,7 @@ def _take_back(path: Path, work: Path, tmp: Path, overwrite: bool) -> None:
     try:
         if overwrite or os.path.samefile(path, tmp):
             path.unlink()
-            _fsync_folder(path.parent)
+            fsync_folder(path.parent)
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise OutputError(f"{path}: released without its audit line and could not be removed: {exc}") from exc
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -114,11 +114,18 @@ def config_warnings(config: Config, host: PluginHost) -> list[str]:
         audit.preflight()
     SafetyPolicy.from_config(config.safety, host, base_dir=config.base_dir, source=config.source)
     check_default_size(config, build_postprocessors(config, host))
+    output_guard(config, create=False)
+    return warnings
+
+
+def output_guard(config: Config, *, create: bool) -> OutputGuard:
+    """The deployment's output guard, once its output folder is shown to be usable: not a guarded place, a
+    writable folder (made when ``create``; config check only proves it could be)."""
     guard = build_guard(config)
     if (why := guard.problem(config.output_dir)) is not None:
         raise ConfigError(f"{config.output_dir} {why}", path=config.source, key="output.dir")
-    check_folder(config.output_dir, create=False)
-    return warnings
+    check_folder(config.output_dir, create=create)
+    return guard
 
 
 def check_output(config: Config, path: str | Path, *, overwrite: bool = False,
@@ -346,7 +353,7 @@ class Pipeline:
         from fluxframe.core.policy import SafetyPolicy
 
         if host is None:
-            host = PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
+            host = PluginHost.for_config(config)
         audit = audit_log_for(config)
         if audit is not None:  # before anything loads: a run whose record cannot be kept must not start
             audit.preflight()
@@ -363,10 +370,7 @@ class Pipeline:
         postprocessors = build_postprocessors(config, host)
         check_default_size(config, postprocessors)
         # Where outputs go is checked before weights load too: a run must not end in an image it cannot write.
-        guard = build_guard(config)
-        if (why := guard.problem(config.output_dir)) is not None:
-            raise ConfigError(f"{config.output_dir} {why}", path=config.source, key="output.dir")
-        check_folder(config.output_dir, create=True)
+        guard = output_guard(config, create=True)
         memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
         apply_loras(config, model)
@@ -782,6 +786,12 @@ class Pipeline:
                         self.config, self.host, name, self.stages.model.name, {}, key=f"request.conditioning.{name}")
                 active[name] = self._on_demand[name]
         return active
+
+    def file_inputs(self, conditioner: str) -> tuple[str, ...]:
+        """The inputs of the named conditioner that are files (``Conditioner.file_inputs``); a PluginError or
+        ConfigError when this deployment cannot use that conditioner."""
+        found = self._conditioners(GenerationRequest(conditioning={conditioner: {}})).get(conditioner)
+        return tuple(getattr(found, "file_inputs", ()))
 
     def output_path(self, request: GenerationRequest, seed: int) -> Path:
         """Where this request's image goes, checked before any model work (see fluxframe.core.output)."""

@@ -133,6 +133,11 @@ class PluginHost:
             detail = "; ".join(f"{name}: {reasons.get(name, 'not installed')}" for name in sorted(missing))
             raise PluginError(f"required plugin(s) not available: {detail}", plugin=sorted(missing)[0])
 
+    @classmethod
+    def for_config(cls, config: Any) -> PluginHost:
+        """A host honouring a config's ``[plugins]`` allow, block and require lists."""
+        return cls(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
+
     def _load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if ep.name in self.info or self.pm.is_blocked(ep.name):

@@ -67,12 +67,6 @@ def setup_audit(audit) -> None:
                                "text go into the re-anchor line")
 
 
-def _host(config):
-    from fluxframe.core.plugins import PluginHost
-
-    return PluginHost(block=config.plugins.block, allow=config.plugins.allow, required=config.plugins.require)
-
-
 def _print_decision(decision) -> None:
     for verdict, subject in zip(decision.verdicts, decision.subjects, strict=True):
         shown = {k: v for k, v in verdict.scores.items() if v}
@@ -85,10 +79,11 @@ def cmd_check(args) -> int:
     try:
         from fluxframe.core.config import load_config
         from fluxframe.core.images import open_image
+        from fluxframe.core.plugins import PluginHost
         from fluxframe.core.policy import SafetyPolicy
 
         config = load_config(args.config)
-        policy = SafetyPolicy.from_config(config.safety, _host(config), base_dir=config.base_dir,
+        policy = SafetyPolicy.from_config(config.safety, PluginHost.for_config(config), base_dir=config.base_dir,
                                            source=config.source)
         prompts = {"prompt": args.prompt}
         if args.negative_prompt is not None:
