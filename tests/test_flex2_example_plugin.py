@@ -4,6 +4,7 @@ conditioning flags."""
 
 from __future__ import annotations
 
+import json
 import site
 import subprocess
 import sys
@@ -75,6 +76,30 @@ def test_installed_example_runs_from_config(installed, folder):
     assert torch.allclose(seen[0][..., 132:], expected, atol=1e-6)
     assert torch.equal(seen[1][..., 132:], torch.zeros_like(expected))  # stop 0.5 of 2 steps
     assert result.image.size == (W, H)
+
+
+def test_installed_example_runs_from_the_generic_cli_form(installed, folder, tmp_path, capsys):
+    """`--cond palette.colors=...` gives the example its colours per request: the same image as those colours in the
+    config; a bad per-request value is a one-line error naming the conditioner."""
+    from fluxframe.cli import main
+
+    colors = ["#ff0000", "#0000ff"]
+    configured = api.load(_config(folder, conditioners=[{"name": "palette", "colors": colors}]))
+    expected = np.asarray(configured.generate(api.GenerationRequest(prompt="a cat", seed=4), write=False).image)
+    default = api.load(_config(folder)).generate(api.GenerationRequest(prompt="a cat", seed=4,
+                                                                       conditioning={"palette": {}}), write=False)
+    assert not np.array_equal(np.asarray(default.image), expected)  # the colours matter
+    config = tmp_path / "flex2.toml"
+    config.write_text(f'[model]\nfamily = "flex2"\npath = "{folder}"\ndtype = "float32"\ndevice = "cpu"\n'
+                      f'[sampler]\nsteps = 2\nguidance = 3.5\nwidth = {W}\nheight = {H}\n'
+                      f'[output]\ndir = "{tmp_path / "out"}"\n')
+    argv = ["generate", "--config", str(config), "--prompt", "a cat", "--seed", "4", "--no-progress"]
+    assert main([*argv, "--cond", f"palette.colors={json.dumps(colors)}"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+    assert main([*argv, "--cond", "palette.colors=[]"]) == 1
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fluxframe:")]
+    assert "conditioning.palette" in error and "colors" in error and "given by --cond palette.colors" in error
 
 
 def test_bad_example_option_names_conditioner_and_option(installed, folder):

@@ -1,10 +1,9 @@
 """A fluxframe plugin: ``palette`` lays out colours as a Flex.2 control hint (left-to-right bands, or top-to-bottom).
 
-    [[conditioners]]
+    [[conditioners]]                 # or per request: --cond palette.colors='["#1d3557", "#e63946"]'
     name = "palette"
     colors = ["#1d3557", "#f1faee", "#e63946"]
     strength = 0.6
-    stop = 0.4
 """
 
 from PIL import Image, ImageColor
@@ -26,7 +25,7 @@ class PaletteConditioner(Conditioner):
         if direction not in ("horizontal", "vertical"):
             raise ValueError(f"palette: direction must be horizontal or vertical, got {direction!r}")
         self.strength, self.stop = check_strength(strength, self.name), check_stop(stop, self.name)
-        self.direction = direction
+        self.direction, self.options = direction, dict(colors=colors, strength=strength, stop=stop, direction=direction)
 
     def layout(self, width, height):
         """The hint image: one band per colour."""
@@ -39,6 +38,12 @@ class PaletteConditioner(Conditioner):
     def prepare(self, model, request, inputs, conditioning):
         from fluxframe.plugin import from_pil, require_channels  # from_pil loads torch: imported where needed
 
+        if inputs:  # a request's own values (--cond palette.colors=...) override the configured ones
+            try:
+                palette = type(self)(**{**self.options, **inputs})
+            except (TypeError, ValueError) as exc:
+                raise RequestError(str(exc), field="conditioning.palette") from None
+            return palette.prepare(model, request, {}, conditioning)
         model = require_channels(model, self.name, "control")  # a RequestError for a model without them
         if "control" in conditioning.channels:
             raise RequestError("the control channels are already set (use palette or control, not both)",
