@@ -186,8 +186,79 @@ def build_parser(host=None) -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     config.set_defaults(**{RUN: cmd_config_check})
 
+    add_serve_command(sub)
     add_plugin_commands(sub, host)
     return parser
+
+
+def add_serve_command(sub) -> None:
+    srv = sub.add_parser("serve", help="serve the deployment over HTTP: a durable job queue, auth, progress events, "
+                         "metrics and a web page (see docs/serve.md)",
+                         description="Serve the deployment over HTTP. `fluxframe serve token add NAME --config ...` "
+                                     "makes an API token (shown once); the server needs at least one.")
+    srv.add_argument("--config", type=Path, help="deployment config (TOML); [serve] holds the service's settings")
+    srv.add_argument("--host", help="address to listen on (default: [serve] host, 127.0.0.1)")
+    srv.add_argument("--port", type=_positive("--port", minimum=0), help="port (default: [serve] port, 8000)")
+    srv.add_argument("--insecure-no-auth", action="store_true",
+                     help="serve without tokens, on a loopback address only (demos)")
+    srv.add_argument("--ray", action="store_true", help="serve with Ray Serve replicas ([serve.ray])")
+    srv.set_defaults(**{RUN: cmd_serve})
+    tokens = srv.add_subparsers(dest="serve_command", metavar="SUBCOMMAND")
+    token = tokens.add_parser("token", help="API tokens: add, list, remove")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    for action, text in (("add", "make a token for NAME; it is printed once, as the last word of the output"),
+                         ("remove", "revoke NAME's token"), ("list", "the names that have tokens")):
+        parser = token_sub.add_parser(action, help=text)
+        if action != "list":
+            parser.add_argument("name", metavar="NAME")
+        parser.add_argument("--config", required=True, type=Path, help="deployment config (TOML)")
+        parser.set_defaults(**{RUN: cmd_serve_token})
+
+
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+def cmd_serve_token(args) -> int:
+    from fluxframe.core.config import load_config
+    from fluxframe.serve.store import Store
+
+    store = Store(load_config(args.config).serve_state_dir / "jobs.sqlite")
+    if args.token_command == "list":
+        for name in store.token_names():
+            print(name)
+        return 0
+    if not _TOKEN_NAME.match(args.name):
+        print(f"fluxframe: error: NAME: 1-64 letters, digits, '_', '.', '@' or '-', got {args.name!r}",
+              file=sys.stderr)
+        return 1
+    if args.token_command == "remove":
+        if not store.remove_token(args.name):
+            print(f"fluxframe: error: NAME: no token named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"removed the token of {args.name}")
+        return 0
+    token = store.add_token(args.name)
+    print(f"API token for {args.name} (shown only now; the server keeps its hash): {token}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fluxframe.core.config import load_config
+
+    if args.config is None:
+        print("fluxframe: error: serve: --config is required", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    if args.ray:
+        from fluxframe.serve.ray import serve_ray
+
+        serve_ray(config, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
+        return 0
+    from fluxframe.serve import serve
+
+    serve(config, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth,
+          log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def add_plugin_commands(sub, host) -> None:
@@ -376,13 +447,10 @@ def format_verdict(v) -> str:
 
 def cmd_plugins(args, host) -> int:
     """The plugins of the host the command line was built from (default settings: see the module docstring)."""
-    host.registry  # collect, so each plugin's `provides` is filled
-    rows = [
-        {"name": i.name, "source": i.source, "builtin": i.builtin, "provides": i.provides} for i in host.info.values()
-    ]
-    failures = [{"name": f.plugin, "source": f.source, "error": f.error} for f in host.failures]
+    report = host.report()
+    rows, failures = report["plugins"], report["failed"]
     if args.json:
-        print(json.dumps({"plugins": rows, "failed": failures}, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
     for row in rows:
         kind = "built-in" if row["builtin"] else "third-party"

@@ -86,6 +86,11 @@ class Blocked(FluxframeError):
         super().__init__(message)
 
 
+class Cancelled(FluxframeError):
+    """A request was cancelled while it ran (``Pipeline.generate_many``'s ``cancelled``): it stopped at the next
+    step, wrote no image, and its audit line's action is ``cancelled``."""
+
+
 class ProvenanceError(FluxframeError):
     """Watermarking or signing cannot be done as configured (key, certificate, passphrase, signing failure).
 

@@ -330,15 +330,25 @@ class Results:
             os.close(fd)
 
 
-def audited(pipeline: Any) -> dict[str, dict[str, Any]]:
-    """The audit log's last record per batch request id under this config that released an image or was
-    blocked: what a run killed between a release and its results line left. Empty without a log."""
+def audited(pipeline: Any, *, prefix: str = "b", also: tuple[str, ...] = (),
+            logs: list[Path] | None = None) -> dict[str, dict[str, Any]]:
+    """The audit log's last record per request id starting with ``prefix`` (batch items; the service's jobs are
+    "j") under this config that released an image or was blocked (or has an action in ``also``): what a run
+    killed between a release and its own record of it left. ``logs``: the audit logs to read (default: the
+    pipeline's). Empty without a log."""
     audit = getattr(getattr(pipeline, "stages", None), "audit", None)
-    path = getattr(audit, "path", None)
     config_hash = getattr(pipeline, "config_hash", None)
     out: dict[str, dict[str, Any]] = {}
-    if path is None or not Path(path).exists():
-        return out
+    if logs is None:
+        logs = [Path(audit.path)] if getattr(audit, "path", None) is not None else []
+    for path in logs:
+        if Path(path).exists():
+            _audited(Path(path), config_hash, prefix, also, out)
+    return out
+
+
+def _audited(path: Path, config_hash: str | None, prefix: str, also: tuple[str, ...],
+             out: dict[str, dict[str, Any]]) -> None:
     with open(path, "rb") as fh:
         for raw in fh:
             try:
@@ -346,11 +356,11 @@ def audited(pipeline: Any) -> dict[str, dict[str, Any]]:
             except ValueError:
                 continue
             rid = record.get("request_id")
-            if not (isinstance(rid, str) and rid.startswith("b") and record.get("config_sha256") == config_hash):
+            if not (isinstance(rid, str) and rid.startswith(prefix) and record.get("config_sha256") == config_hash):
                 continue
-            if (record.get("action") in RELEASED and record.get("output")) or record.get("action") == "block":
-                out[rid] = {k: record.get(k) for k in ("action", "output", "reasons", "settings", "time")}
-    return out
+            action = record.get("action")
+            if (action in RELEASED and record.get("output")) or action == "block" or action in also:
+                out[rid] = {k: record.get(k) for k in ("action", "output", "reasons", "settings", "time", "verdicts")}
 
 
 def _seed(nonce: str, key: str) -> int:

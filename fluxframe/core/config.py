@@ -210,6 +210,49 @@ class ProvenanceSection(_Section):
     c2pa: C2PASettings | None = None
 
 
+class RaySettings(_Section):
+    """[serve.ray]: `fluxframe serve --ray` (see fluxframe.serve.ray). Either a fixed number of replicas or
+    autoscaling between min_replicas and max_replicas."""
+
+    replicas: int = Field(1, ge=1, le=1024)
+    min_replicas: int | None = Field(None, ge=0, le=1024)
+    max_replicas: int | None = Field(None, ge=1, le=1024)
+    num_gpus: float = Field(0.0, ge=0, le=64)
+    num_cpus: float = Field(1.0, gt=0, le=1024)
+    max_batch_size: int | None = Field(None, ge=1, le=256)  # default: [serve] max_batch_size
+    address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
+
+    @model_validator(mode="after")
+    def _scaling(self) -> RaySettings:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give both min_replicas and max_replicas (autoscaling) or neither (fixed replicas)")
+        if self.min_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is larger than max_replicas")
+        return self
+
+
+class ServeSection(_Section):
+    """[serve]: `fluxframe serve` (see fluxframe.serve). Sizes are checked before a request body is decoded."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # The job queue (SQLite), token hashes and uploaded inputs; default: <output dir>/.fluxframe-serve
+    state_dir: str | None = None
+    max_queue: int = Field(1000, ge=1, le=1_000_000)  # queued jobs; one more is answered 429 with Retry-After
+    max_batch_size: int | None = Field(None, ge=1, le=256)  # jobs run together; default: [sampler] max_batch_size
+    batch_wait_ms: int = Field(50, ge=0, le=60_000)  # how long the worker waits for more compatible jobs
+    retention_hours: float = Field(24.0 * 7, gt=0)  # finished jobs' records and images, then removed
+    rate_limit_per_minute: int = Field(60, ge=1)  # per token
+    max_jobs_per_token: int = Field(16, ge=1)  # queued or running at once, per token
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_references: int = Field(4, ge=0, le=64)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # each uploaded image, read from its header before decoding
+    max_wait_seconds: float = Field(600.0, ge=0)  # the longest ?wait= a POST may ask for
+    trust: list[str] = []  # CA certificates (PEM) POST /v1/verify trusts, besides none
+    ray: RaySettings = RaySettings()
+
+
 class Config(_Section):
     model: ModelSection
     sampler: SamplerSection = SamplerSection()
@@ -222,6 +265,7 @@ class Config(_Section):
     provenance: ProvenanceSection | None = None
     # [postprocessors.NAME]: a third-party postprocessor enabled, with its options (the built-ins' are [provenance])
     postprocessors: dict[str, dict[str, Any]] = {}
+    serve: ServeSection = ServeSection()
     # Where the file was read from; relative paths resolve against its folder.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field("<config>", exclude=True)
@@ -239,6 +283,11 @@ class Config(_Section):
     @property
     def output_dir(self) -> Path:
         return self.resolve(self.output.dir)
+
+    @property
+    def serve_state_dir(self) -> Path:
+        """`fluxframe serve`'s job queue, token hashes and uploads: [serve] state_dir, else in the output folder."""
+        return self.resolve(self.serve.state_dir) if self.serve.state_dir else self.output_dir / ".fluxframe-serve"
 
 
 def _key_path(loc: tuple) -> str:

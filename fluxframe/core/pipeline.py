@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from fluxframe.core.plugins import PluginHost
 from fluxframe.core.types import Conditioning, GenerationRequest, GenerationResult, Latents, StepInfo
 from fluxframe.errors import (
     Blocked,
+    Cancelled,
     ConfigError,
     FluxframeError,
     OutputError,
@@ -191,6 +193,7 @@ def build_guard(config: Config) -> OutputGuard:
         paths += [config.resolve(c2pa.certificate), config.resolve(c2pa.private_key)]
     for path in paths + _option_paths(config):
         guard.add(path)
+    guard.folders.add(Path(os.path.realpath(config.serve_state_dir)))  # the service's queue and token hashes
     return guard
 
 
@@ -427,7 +430,8 @@ class Pipeline:
             raise
 
     def generate_many(self, requests: list[GenerationRequest], *, progress: Callable[[StepInfo], None] | None = None,
-                      write: bool = True) -> list[GenerationResult | FluxframeError]:
+                      write: bool = True, cancelled: Callable[[str], bool] | None = None,
+                      ) -> list[GenerationResult | FluxframeError]:
         """Several requests, each exactly as ``generate`` makes it (validation, read-once inputs, filters,
         conditioning, postprocessors, release and audit line per image), with compatible ones (same size, steps,
         guidance, conditioners and conditioning layout; see fluxframe.core.batching) run through the model together:
@@ -436,7 +440,10 @@ class Pipeline:
         order: its result, or the FluxframeError (Blocked, RequestError ...) that stopped it; a request blocked or
         failing drops out of its batch and the others go on. Timings of the batched stages are the batch's time
         shared equally among its images; ``total`` is each request's wall time from its validation to its release.
-        ``progress`` is called for the steps of each batch."""
+        ``progress`` is called for the steps of each batch (``StepInfo.request_ids`` names the batch's requests).
+        ``cancelled(request_id)`` is asked before every step and before a request's output filters: a request it
+        answers true for stops there, writes nothing, is audited as ``cancelled`` and gets a Cancelled entry (its
+        batch goes on for the others, or stops when all of it is cancelled)."""
         import torch
 
         from fluxframe.core.batching import batch_key
@@ -458,7 +465,7 @@ class Pipeline:
                 for at in range(0, len(members), size):
                     batch = members[at:at + size]
                     with torch.inference_mode():
-                        batch = self._batch(batch, out, progress)
+                        batch = self._batch(batch, out, progress, cancelled)
                     for i, run in batch:
                         if self._item(run, i, out, self._finish):
                             run.timings["total"] = time.perf_counter() - started[i]
@@ -508,25 +515,42 @@ class Pipeline:
             self.postprocess(run)
             self.release(run)
 
-    def _batch(self, batch: list[tuple[int, Run]], out: list[Any],
-               progress: Callable[[StepInfo], None] | None) -> list[tuple[int, Run]]:
+    def _batch(self, batch: list[tuple[int, Run]], out: list[Any], progress: Callable[[StepInfo], None] | None,
+               cancelled: Callable[[str], bool] | None = None) -> list[tuple[int, Run]]:
         """Text encoding, denoising and decoding of one batch; the requests that come through. A failure here
         is every request's of the batch (each audited)."""
         runs = [run for _, run in batch]
+        ids = tuple(run.request.request_id for run in runs)
+        if progress is not None:
+            report = progress
+            progress = lambda info: report(dataclasses.replace(info, request_ids=ids))  # noqa: E731
+        watch = None if cancelled is None else lambda: self._watch(runs, cancelled)
         try:
             if len(runs) == 1:  # exactly generate's stages
                 run = runs[0]
                 with run.timed("text_encoding"):
                     self.encode_text(run)
                 with run.timed("denoising"):
-                    self.denoise(run, progress)
+                    self.denoise(run, progress, watch)
                 with run.timed("decoding"):
                     self.decode(run)
             else:
                 text = self._shared(runs, "text_encoding", self._encode_batch)
-                self._shared(runs, "denoising", lambda rs: self._denoise_batch(rs, text, progress))
+                self._shared(runs, "denoising", lambda rs: self._denoise_batch(rs, text, progress, watch))
                 self._shared(runs, "decoding", self._decode_batch)
-            return batch
+            if watch is not None:  # cancelled during the last step or the decoding: still nothing is written
+                try:
+                    watch()
+                except Cancelled:
+                    pass
+            going = []
+            for i, run in batch:
+                if run.cancelled:
+                    out[i] = Cancelled("cancelled while running; nothing was written")
+                    self._audit_failure(run, out[i])
+                else:
+                    going.append((i, run))
+            return going
         except Exception as exc:
             for i, run in batch:
                 self._audit_failure(run, exc)
@@ -534,6 +558,15 @@ class Pipeline:
             if not isinstance(exc, FluxframeError):
                 raise
             return []
+
+    @staticmethod
+    def _watch(runs: list[Run], cancelled: Callable[[str], bool]) -> None:
+        """Mark the runs ``cancelled`` now answers true for; raise Cancelled once all of them are."""
+        for run in runs:
+            if not run.cancelled and cancelled(run.request.request_id):
+                run.cancelled = True
+        if all(run.cancelled for run in runs):
+            raise Cancelled("cancelled while running; nothing was written")
 
     @staticmethod
     def _shared(runs: list[Run], stage: str, fn: Callable[[list[Run]], Any]) -> Any:
@@ -557,7 +590,8 @@ class Pipeline:
                 texts[0].negative = encode_unique(model, [run.request.negative_prompt or "" for run in runs])
         return stack_text(texts) if len(texts) > 1 else texts[0]
 
-    def _denoise_batch(self, runs: list[Run], text: Any, progress: Callable[[StepInfo], None] | None) -> None:
+    def _denoise_batch(self, runs: list[Run], text: Any, progress: Callable[[StepInfo], None] | None,
+                       watch: Callable[[], None] | None = None) -> None:
         """Each request's own noise, concatenated, through the sampler as one batch; each gets its rows back."""
         import torch
 
@@ -569,6 +603,8 @@ class Pipeline:
         sigmas = model.sigmas(settings.steps, noise[0].tokens.shape[1])
 
         def velocity(x, sigma, step):
+            if watch is not None:
+                watch()
             for run in runs:  # each request's hooks see its own conditioning, as alone
                 for hook in run.conditioning.step_hooks:
                     hook(step, settings.steps, run.conditioning)
@@ -664,12 +700,15 @@ class Pipeline:
         for name, conditioner in run.conditioners.items():
             conditioner.prepare(self.stages.model, resolved, run.request.conditioning.get(name, {}), run.conditioning)
 
-    def denoise(self, run: Run, progress: Callable[[StepInfo], None] | None) -> None:
+    def denoise(self, run: Run, progress: Callable[[StepInfo], None] | None,
+                watch: Callable[[], None] | None = None) -> None:
         model, settings, conditioning = self.stages.model, run.settings, run.conditioning
         latents = model.initial_noise(settings.seed, settings.width, settings.height)
         sigmas = model.sigmas(settings.steps, latents.tokens.shape[1])
 
         def velocity(x, sigma, step):
+            if watch is not None:
+                watch()
             for hook in conditioning.step_hooks:
                 hook(step, settings.steps, conditioning)
             return model.predict(x, latents.ids, sigma, run.text, conditioning, settings.guidance)
@@ -787,6 +826,15 @@ class Pipeline:
                 active[name] = self._on_demand[name]
         return active
 
+    def check(self, request: GenerationRequest) -> Settings:
+        """The request's settings, resolved and checked as ``generate`` checks them (request id, prompt, seed,
+        steps, guidance, size, conditioners), without running or writing anything: a RequestError names the
+        field at fault. A service calls this before it accepts a request."""
+        check_request_id(request.request_id)
+        settings = self._settings(request)
+        self._conditioners(request)
+        return settings
+
     def file_inputs(self, conditioner: str) -> tuple[str, ...]:
         """The inputs of the named conditioner that are files (``Conditioner.file_inputs``); a PluginError or
         ConfigError when this deployment cannot use that conditioner."""
@@ -816,6 +864,7 @@ class Pipeline:
             "time": _now(),
             "event": "request",
             "request_id": request.request_id,
+            "client": request.client,
             "fluxframe": __version__,
             "prompt_sha256": sha256_text(text["prompt"]) if isinstance(text["prompt"], str) else None,
             "negative_prompt_sha256": sha256_text(text["negative_prompt"]) if isinstance(text["negative_prompt"], str)
@@ -844,7 +893,7 @@ class Pipeline:
             return
         reason = str(exc) if isinstance(exc, FluxframeError) else f"{type(exc).__name__}: {exc}"
         try:
-            self._audit(run, "error", [reason])
+            self._audit(run, "cancelled" if isinstance(exc, Cancelled) else "error", [reason])
         except FluxframeError as audit_exc:  # the log itself failed: say so, and still raise the cause
             log.error("the audit line of this failed request could not be written: %s", audit_exc)
 
@@ -879,6 +928,7 @@ class Run:
     decision: Any = None  # the output filters' Decision
     context: OutputContext | None = None
     record: dict | None = None  # set once this request's audit line is written
+    cancelled: bool = False  # generate_many's ``cancelled`` answered true: it stops, writes nothing
     timings: dict[str, float] = field(default_factory=dict)
 
     @contextmanager

@@ -185,6 +185,14 @@ class PluginHost:
         for info in self.info.values():
             info.provides.clear()
 
+    def report(self) -> dict[str, list[dict[str, Any]]]:
+        """The loaded plugins (name, where from, built-in or not, what each provides) and those that failed to
+        load: what `fluxframe plugins --json` prints and the service's GET /v1/plugins answers."""
+        self.registry  # collect, so each plugin's `provides` is filled
+        return {"plugins": [{"name": i.name, "source": i.source, "builtin": i.builtin, "provides": i.provides}
+                            for i in self.info.values()],
+                "failed": [{"name": f.plugin, "source": f.source, "error": f.error} for f in self.failures]}
+
     @property
     def registry(self) -> dict[str, dict[str, Registration]]:
         """kind -> name -> Registration, collected from every plugin's hooks (once, then cached)."""

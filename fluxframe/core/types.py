@@ -35,6 +35,7 @@ class GenerationRequest:
     upsample_prompt: bool = False
     overwrite: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    client: str | None = None  # who asked (a service's token name): recorded in the audit line
 
 
 @dataclass
@@ -83,6 +84,7 @@ class StepInfo:
     num_steps: int
     sigma: float
     latents: torch.Tensor
+    request_ids: tuple[str, ...] = ()  # the requests this step ran for (a batch of generate_many: all of them)
 
 
 @dataclass

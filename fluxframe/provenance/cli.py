@@ -53,15 +53,9 @@ def setup_certs(certs) -> None:
 
 def _configured_messages(config_path: Path) -> dict | None:
     from fluxframe.core.config import load_config
-    from fluxframe.provenance.watermark import FLUXFRAME_MESSAGE, validate_message, validate_method
+    from fluxframe.provenance.verify import configured_messages
 
-    config = load_config(config_path)
-    settings = config.provenance.watermark if config.provenance else None
-    if settings is None:
-        return None  # the deployment embeds no watermark: the known messages still count
-    method = validate_method(settings.method)
-    bits = validate_message(settings.message or FLUXFRAME_MESSAGE, method)
-    return {"configured": (method, bits)}
+    return configured_messages(load_config(config_path))
 
 
 def cmd_verify(args) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from fluxframe.errors import ProvenanceError, RequestError
 from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_MEDIA
 from fluxframe.provenance.watermark import (
+    FLUXFRAME_MESSAGE,
     KNOWN_MESSAGES,
     ROBUST_METHOD,
     THRESHOLD,
@@ -350,7 +351,38 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
     """
     path = Path(path)
     data, image = read_image(path)
-    report = VerifyReport(file=str(path), media_type=sniff_media_type(data),
+    return _verify(str(path), data, image, trust=trust, messages=messages)
+
+
+def configured_messages(config: Any) -> dict | None:
+    """The watermark message a deployment embeds, as ``verify``'s ``messages`` (named "configured"); None when it
+    embeds none (the known messages still count then)."""
+    settings = config.provenance.watermark if config.provenance else None
+    if settings is None:
+        return None
+    method = validate_method(settings.method)
+    bits = validate_message(settings.message or FLUXFRAME_MESSAGE, method)
+    return {"configured": (method, bits)}
+
+
+def verify_bytes(data: bytes, *, name: str, trust: list[Path] | None = None,
+                 messages: dict[str, Any] | None = None) -> VerifyReport:
+    """``verify`` for an image held in memory (an upload); ``name`` stands for its file name in the report and
+    in a ProvenanceError (not a PNG, JPEG or WebP, undecodable, a decompression bomb)."""
+    from fluxframe.core.inputs import InputFile
+
+    if sniff_media_type(data) is None:
+        raise ProvenanceError(f"{name}: not a PNG, JPEG or WebP image")
+    try:
+        image = InputFile(name, data).image("")
+    except RequestError as exc:
+        raise ProvenanceError(str(exc)) from None
+    return _verify(name, data, image, trust=trust, messages=messages)
+
+
+def _verify(name: str, data: bytes, image: Any, *, trust: list[Path] | None,
+            messages: dict[str, Any] | None) -> VerifyReport:
+    report = VerifyReport(file=name, media_type=sniff_media_type(data),
                           trust_anchors=[str(p) for p in trust or []])
     trust_pem = load_trust_anchors(trust)
 
