@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test docs install clean
+.PHONY: demo serve test docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(STAMP)
 	  echo "Wrote $$out (watermarked, signed with the development certificate in $(DEV_CERTS)/)" && \
 	  echo "Check it:  $(BIN)/fluxframe verify $$out --trust $(DEV_CERTS)/ca.pem" && \
 	  echo "Audit log: $(BIN)/fluxframe audit verify outputs/audit.jsonl"
+
+# The demo deployment as a service on http://127.0.0.1:8000 (web page at /, API docs at /docs), without tokens:
+# loopback only. A real deployment adds tokens: fluxframe serve token add NAME --config deploy.toml
+serve: $(STAMP)
+	@test -f $(DEV_CERTS)/chain.pem || $(BIN)/fluxframe certs dev --out $(DEV_CERTS)
+	$(BIN)/fluxframe serve --config configs/demo.toml --insecure-no-auth
 
 # The architecture contract (import-linter, pyproject.toml), the docs site built strictly, then the test suite.
 test: $(STAMP)
