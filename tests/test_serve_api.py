@@ -295,6 +295,14 @@ def test_uploads_as_multipart_reach_the_model_as_sent(deployment, tmp_path):
         bad = client.post("/v1/images", headers=auth, data={"request": json.dumps({"prompt": "x"})},
                           files=[("photo", ("a.png", data, "image/png"))])
         assert bad.status_code == 422 and bad.json()["field"] == "photo"
+        two = client.post("/v1/images?wait=60", headers=auth, data={"request": json.dumps({"prompt": "x"})},
+                          files=[("conditioning.reference.images", (f"{i}.png", data, "image/png")) for i in (0, 1)])
+        assert two.status_code == 200 and two.json()["status"] == "done", two.json()
+        assert len(_audit(deployment, two.json()["id"])[0]["input_files"]) == 2
+        for field, files in (("conditioning.nothere", [("conditioning.nothere.image", ("a.png", data, "image/png"))]),
+                             ("conditioning.reference.mask", [("conditioning.reference.mask", ("a.png", data))])):
+            bad = client.post("/v1/images", headers=auth, data={"request": json.dumps({"prompt": "x"})}, files=files)
+            assert bad.status_code == 422 and bad.json()["field"] == field, bad.json()
     finally:
         service.stop()
 

@@ -309,7 +309,8 @@ async def _read_request(request: Request, settings: Any) -> tuple[dict[str, Any]
             raise ApiError(422, "a multipart request needs a `request` field holding the JSON request",
                            field="request")
         body = _json(raw.encode())
-        counters: dict[tuple[str, str], int] = collections.defaultdict(int)
+        files: dict[tuple[str, str], list[bytes]] = collections.defaultdict(list)
+        listed: set[tuple[str, str]] = set()
         for key, value in form.multi_items():
             if isinstance(value, str):
                 if key != "request":
@@ -317,13 +318,15 @@ async def _read_request(request: Request, settings: Any) -> tuple[dict[str, Any]
                 continue
             if key == "references":
                 target = ("reference", "images")
+                listed.add(target)
             elif key.startswith("conditioning.") and key.count(".") == 2:
                 target = tuple(key.split(".")[1:])
             else:
                 raise ApiError(422, "unknown file field (references, conditioning.NAME.KEY)", field=key)
-            position = counters[target] if key == "references" else -1
-            counters[target] += 1
-            uploads.append(Upload(target[0], target[1], position, await value.read()))
+            files[target].append(await value.read())
+        for (name, key), items in files.items():  # one file is one value; several (or references) a list
+            many = len(items) > 1 or (name, key) in listed
+            uploads += [Upload(name, key, i if many else -1, data) for i, data in enumerate(items)]
     elif kind.startswith("application/json") or not kind:
         body = _json(await request.body())
     else:

@@ -187,13 +187,17 @@ class Service:
                         for i, v in enumerate(references)]
         pipeline = self.pipeline
         for name, inputs in conditioning.items():  # base64 values of file inputs are uploads too
-            for key in pipeline.file_inputs(name):
+            for key in self._file_keys(name):
                 value = inputs.pop(key, None)
                 if isinstance(value, list):
                     uploads += [Upload(name, key, i, decode_base64(v, f"conditioning.{name}.{key}[{i}]"))
                                 for i, v in enumerate(value)]
                 elif value is not None:
                     uploads.append(Upload(name, key, -1, decode_base64(value, f"conditioning.{name}.{key}")))
+        for upload in uploads:
+            if upload.key not in self._file_keys(upload.conditioner):
+                raise RequestError("is not an image input of this deployment",
+                                   field=f"conditioning.{upload.conditioner}.{upload.key}")
         count = sum(1 for u in uploads if u.conditioner == "reference")
         if count > s.max_references:
             raise OverLimit(f"{count} reference images, more than the {s.max_references} allowed",
@@ -215,6 +219,12 @@ class Service:
             self.metrics.accepted.inc()
             self._wake.set()
         return job_id, position
+
+    def _file_keys(self, name: str) -> tuple[str, ...]:
+        try:
+            return tuple(self.pipeline.file_inputs(name))
+        except FluxframeError as exc:
+            raise RequestError(str(exc), field=f"conditioning.{name}") from None
 
     @staticmethod
     def _request(job_id: str, fields: dict[str, Any], conditioning: dict[str, dict[str, Any]],
