@@ -406,8 +406,8 @@ def cmd_batch(args) -> int:
 
     def report(outcome, summary) -> None:
         record = outcome.record
-        if outcome.status == "error":
-            print(f"fluxframe: error: {record['error']}", file=sys.stderr)
+        if outcome.status == "error":  # above the bar, when there is one
+            (bar.write if bar is not None else print)(f"fluxframe: error: {record['error']}", file=sys.stderr)
         seen = summary.done + summary.blocked + summary.failed + summary.skipped
         if bar is not None:
             bar.update(seen - bar.n)

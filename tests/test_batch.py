@@ -242,3 +242,47 @@ def test_kill_9_then_resume_releases_every_item_exactly_once(deploy, tmp_path):
     assert len(nonces) == 1  # the resumed run kept the first run's nonce: seedless items draw the same seed
     assert main([*args, "--resume"]) == 0  # nothing left: no new audit line
     assert len([a for a in audit(tmp_path) if a.get("event") == "request"]) == 6
+
+
+def test_a_terminal_gets_a_progress_bar_with_done_blocked_failed_and_eta(deploy, tmp_path):
+    """On a real terminal (a pty), a tqdm bar over the items, with the counts; an error line stays readable."""
+    import pty
+    import select
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": "a n4ked w o m a n, nsfw"}\n'
+                                      '{"prompt": "x", "width": 63}\n{"prompt": "a blue square"}\n')
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "fluxframe.cli", "batch", "--config", str(deploy),
+                             str(tmp_path / "p.jsonl")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave)
+    os.close(slave)
+    seen, deadline = b"", time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.wait(30)
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 1
+    assert "batch: 100%" in text and "4/4" in text, text
+    assert "blocked=1" in text and "done=2" in text and "failed=1" in text
+    assert "<" in text.split("4/4")[-1]  # tqdm's [elapsed<remaining]: the ETA
+    assert "line 3: width: must be a multiple of 16" in text
+    assert "[1/4] line" not in text  # not the plain lines a pipe gets
