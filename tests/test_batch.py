@@ -286,3 +286,25 @@ def test_a_terminal_gets_a_progress_bar_with_done_blocked_failed_and_eta(deploy,
     assert "<" in text.split("4/4")[-1]  # tqdm's [elapsed<remaining]: the ETA
     assert "line 3: width: must be a multiple of 16" in text
     assert "[1/4] line" not in text  # not the plain lines a pipe gets
+
+
+def test_resume_replaces_the_unreleased_file_a_kill_left_under_an_items_own_name(deploy, tmp_path, capsys):
+    """Killed between putting the file in place and writing its audit line: no audit line, a file under the
+    item's request-id name. A plain run refuses it (it exists); --resume releases the item over it, once."""
+    from fluxframe.core.config import load_config
+    from fluxframe.core.pipeline import _config_hash
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    items = list(batch.read_items(prompts, _config_hash(load_config(deploy))))
+    orphan = tmp_path / "out" / f"{items[1].request_id}.png"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"unreleased")
+    args = ["batch", "--config", str(deploy), str(prompts), "--no-progress"]
+    assert main(args) == 1
+    assert "exists" in capsys.readouterr().err and orphan.read_bytes() == b"unreleased"
+    assert main([*args, "--resume"]) == 0
+    assert Image.open(orphan).size == (64, 64)
+    lines = [a for a in audit(tmp_path) if a.get("request_id") == items[1].request_id]
+    assert [a["action"] for a in lines] == ["error", "allow"]  # the refused run's line, then the one release
+    assert verify_log(tmp_path / "audit.jsonl").ok

@@ -16,7 +16,9 @@ run's nonce, kept in the results file's ``start`` line and reused by ``--resume`
 by putting the file in place and then writing its audit line; the runner then appends the item's results line. On
 resume, an item is skipped when a results line says ``ok`` or ``blocked``, or, if that line was lost to the kill,
 when the audit log (the source of truth) holds a release (``allow``/``flag``/``blur`` with an output) or a block
-for its request id under this config: the missing results line is written from the audit record instead.
+for its request id under this config: the missing results line is written from the audit record instead. An item
+not released may find a file under its own name, put in place by a run killed before its audit line: when the
+``[output] name`` holds ``{request_id}``, ``--resume`` replaces that unreleased file.
 """
 
 from __future__ import annotations
@@ -394,6 +396,7 @@ def run_batch(pipeline: Any, requests: str | Path, *, results: str | Path, outpu
     batch_size = max(1, min(batch_size, cap or batch_size))
     config_seed = getattr(getattr(config, "sampler", None), "seed", None)
     config_hash = getattr(pipeline, "config_hash", "")
+    template = getattr(getattr(config, "output", None), "name", "")
     nonce, done = results_file.read() if resume else (None, {})
     released = audited(pipeline) if resume else {}
     nonce = nonce or secrets.token_hex(16)
@@ -457,6 +460,9 @@ def run_batch(pipeline: Any, requests: str | Path, *, results: str | Path, outpu
             seed = item.fields.get("seed", _seed(nonce, item.key) if config_seed is None else None)
             try:
                 request = build_request(item, base=base, output_dir=output_dir, seed=seed, file_keys=file_keys)
+                # A kill between putting a file in place and its audit line leaves an unreleased file under the
+                # item's own name: a file named by its request id (derived from its key) can be no other's.
+                request.overwrite = resume and request.output is None and "{request_id}" in template
             except RequestError as exc:
                 failed(item, exc, seed)
             else:
