@@ -162,6 +162,7 @@ def test_generate_verify_block_and_list_in_a_browser(web):
                 (j["id"], j["status"]) for j in jobs]
             assert [j["status"] for j in jobs] == ["blocked", "done"]
             expect(rows.nth(0)).to_contain_text("prompt-nsfw on prompt")
+            expect(rows.nth(1)).to_contain_text(jobs[1]["prompt"])  # each row names its prompt
             page.click(f'#jobs button[data-show="{jobs[1]["id"]}"]')  # shows the done job again
             expect(page.locator("#result-report .verdict")).to_have_text("✓ Verified")
 

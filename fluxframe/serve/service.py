@@ -374,7 +374,8 @@ class Service:
         """A job as the API shows it."""
         out = {"id": job.id, "status": job.status, "position": self.store.position(job),
                "created": job.created, "started": job.started, "finished": job.finished, "attempts": job.attempts,
-               "settings": job.settings, "reasons": job.reasons, "client": job.client}
+               "prompt": job.request.get("fields", {}).get("prompt"), "settings": job.settings,
+               "reasons": job.reasons, "client": job.client}
         if job.status == "running":
             out["progress"] = {"step": job.step or 0, "steps": job.steps or (job.settings or {}).get("steps")}
         if job.result is not None:
