@@ -20,11 +20,12 @@ __all__ = ["Config", "GenerationRequest", "GenerationResult", "Pipeline", "Plugi
            "load", "load_config", "parse_config", "with_loras"]
 
 
-def load(config: Config | str | Path, *, host: PluginHost | None = None) -> Pipeline:
-    """Build a pipeline from a config file or a parsed Config (validated in full before weights load)."""
+def load(config: Config | str | Path, *, host: PluginHost | None = None, replica: str | None = None) -> Pipeline:
+    """Build a pipeline from a config file or a parsed Config (validated in full before weights load). ``replica``:
+    one replica of a scaled-out deployment, with its own audit log (see ``Pipeline.from_config``)."""
     if not isinstance(config, Config):
         config = load_config(config)
-    return Pipeline.from_config(config, host or PluginHost.for_config(config))
+    return Pipeline.from_config(config, host or PluginHost.for_config(config), replica=replica)
 
 
 def with_loras(config: Config | str | Path, loras: list[tuple[str | Path, float]]) -> Config:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import glob
 import hashlib
 import hmac
 import json
@@ -480,10 +481,12 @@ class AuditLog:
 # -- the deployment's log ----------------------------------------------------------------------------
 
 
-def audit_log_for(config: Config, environ: Mapping[str, str] | None = None) -> AuditLog | None:
+def audit_log_for(config: Config, environ: Mapping[str, str] | None = None, *,
+                  replica: str | None = None) -> AuditLog | None:
     """The deployment's audit log (None without ``[safety] audit_log``), keyed from the environment variable
     ``[safety] audit_key_env`` names. Raises ConfigError (key safety.audit_key_env) when that variable is unset
-    or empty: a deployment meant to sign its log must not quietly write an unsigned one."""
+    or empty: a deployment meant to sign its log must not quietly write an unsigned one. With ``replica``, that
+    replica's own log beside it (``replica_log_path``), same key: one process, one hash chain."""
     environ = os.environ if environ is None else environ
     safety = config.safety
     name = safety.audit_key_env if safety is not None else None
@@ -498,7 +501,26 @@ def audit_log_for(config: Config, environ: Mapping[str, str] | None = None) -> A
         if not key:
             raise ConfigError(f"the environment variable {name} is {'empty' if key == '' else 'not set'}: it must "
                               "hold the audit log's HMAC key", path=config.source, key="safety.audit_key_env")
-    return AuditLog(config.resolve(safety.audit_log), key=key)
+    path = config.resolve(safety.audit_log)
+    return AuditLog(path if replica is None else replica_log_path(path, replica), key=key)
+
+
+def replica_log_path(path: str | Path, replica: str) -> Path:
+    """The audit log a replica of a scaled-out deployment writes (``fluxframe serve --ray``): beside the
+    configured log, named ``<stem>-<replica><suffix>`` (audit.jsonl → audit-ab12cd.jsonl), its own hash chain."""
+    path = Path(path)
+    if not replica or not all(c.isalnum() or c in "_.-" for c in replica) or replica.startswith("."):
+        raise ValueError(f"a replica name is letters, digits, '_', '-' and '.', got {replica!r}")
+    return path.with_name(f"{path.stem}-{replica}{path.suffix}")
+
+
+def replica_logs(path: str | Path) -> list[Path]:
+    """The configured log and every replica's log beside it (``replica_log_path``) that exists: what a lookup of
+    what the deployment released must read (fluxframe.core.batch.audited)."""
+    path = Path(path)
+    found = [p for p in sorted(path.parent.glob(f"{glob.escape(path.stem)}-*{glob.escape(path.suffix)}"))
+             if p.is_file() and not p.name.endswith(".head")]
+    return ([path] if path.is_file() else []) + found
 
 
 def audit_key_warnings(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
@@ -585,6 +607,16 @@ def _verify_chain(lines: list[bytes], key_b: bytes | None) -> AuditCheck:
     notes = [_describe_reanchor(n, json.loads(lines[n - 1])) for n in reanchors]
     reason = f"; {len(notes)} re-anchor{'s' if len(notes) > 1 else ''} ({'; '.join(notes)})" if notes else ""
     return AuditCheck(True, len(lines), None, reason, reanchors)
+
+
+def verify_logs(folder: str | Path, *, pattern: str = "*.jsonl", key: str | bytes | None = None,
+                head: bool = True) -> list[tuple[Path, AuditCheck]]:
+    """``verify_log`` for each log in ``folder`` whose name matches ``pattern`` (not recursive; head files and
+    their temporaries are not logs): one (path, check) per log, sorted by name; empty when there is none. The
+    folder of a scaled-out deployment holds one log per replica, each its own chain (``replica_log_path``)."""
+    folder = Path(folder)
+    logs = sorted(p for p in folder.glob(pattern) if p.is_file() and ".head" not in p.name)
+    return [(p, verify_log(p, key=key, head=head)) for p in logs]
 
 
 def verify_log(path: str | Path, *, key: str | bytes | None = None, head: bool = True) -> AuditCheck:

@@ -221,6 +221,9 @@ class RaySettings(_Section):
     num_cpus: float = Field(1.0, gt=0, le=1024)
     max_batch_size: int | None = Field(None, ge=1, le=256)  # default: [serve] max_batch_size
     address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); default: start one here
+    # How long a replica's claim on a job lasts without renewal (renewed each step and by a heartbeat); a killed
+    # replica's job runs again on another replica this long after its last renewal, at most.
+    lease_seconds: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _scaling(self) -> RaySettings:

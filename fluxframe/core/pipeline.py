@@ -351,13 +351,16 @@ class Pipeline:
         self._on_demand: dict[str, Conditioner] = {}
 
     @classmethod
-    def from_config(cls, config: Config, host: PluginHost | None = None) -> Pipeline:
+    def from_config(cls, config: Config, host: PluginHost | None = None, *, replica: str | None = None) -> Pipeline:
+        """The deployment ``config`` loaded. ``replica`` names one replica of a scaled-out deployment (``fluxframe
+        serve --ray``): it writes its own audit log beside the configured one (fluxframe.core.audit.replica_log_path)
+        and is otherwise the same deployment, config hash included."""
         from fluxframe.core.audit import audit_log_for
         from fluxframe.core.policy import SafetyPolicy
 
         if host is None:
             host = PluginHost.for_config(config)
-        audit = audit_log_for(config)
+        audit = audit_log_for(config, replica=replica)
         if audit is not None:  # before anything loads: a run whose record cannot be kept must not start
             audit.preflight()
         # Safety and provenance first: a deployment that cannot filter or sign must not load weights.

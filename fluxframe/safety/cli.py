@@ -4,9 +4,11 @@
                     [--output-image F] [--json]
         runs the configured filters alone (no model is loaded) and prints every verdict;
         exit 0 allowed, 3 blocked, 1 error.
-    fluxframe audit verify [LOG] [--config FILE] [--no-head] [--key-env VAR]
+    fluxframe audit verify [LOG | FOLDER] [--config FILE] [--no-head] [--key-env VAR] [--glob PATTERN]
         checks the audit log's hash chain and head, and lists its re-anchor lines; exit 0 intact, 1 broken
-        (with the line where it breaks). The key comes from --key-env VAR, else from the config's
+        (with the line where it breaks). Given a FOLDER (the logs of `fluxframe serve --ray`'s replicas, one
+        chain each), checks every log in it matching --glob (default *.jsonl) and reports each; exit 1 when
+        any is broken, or when there is none. The key comes from --key-env VAR, else from the config's
         [safety] audit_key_env, else from FLUXFRAME_AUDIT_KEY when that is set; a variable named by
         --key-env or the config must be set. LOG defaults to the config's [safety] audit_log.
     fluxframe audit reanchor [LOG] --reason TEXT [--config FILE] [--key-env VAR] [--discard-incomplete-tail]
@@ -46,7 +48,8 @@ def setup_check(check) -> None:
 def setup_audit(audit) -> None:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     verify = audit_sub.add_parser("verify", help="check an audit log's hash chain and head")
-    verify.add_argument("log", type=Path, nargs="?", help="the log (default: the config's [safety] audit_log)")
+    verify.add_argument("log", type=Path, nargs="?", help="the log, or a folder of logs (one per replica of "
+                        "`fluxframe serve --ray`) (default: the config's [safety] audit_log)")
     verify.add_argument("--config", type=Path, metavar="FILE",
                         help="deployment config: its [safety] audit_log and audit_key_env")
     verify.add_argument("--no-head", action="store_true", help="check the chain only, not the head file "
@@ -54,6 +57,8 @@ def setup_audit(audit) -> None:
     verify.add_argument("--key-env", metavar="VAR",
                         help="environment variable holding the log's HMAC key, which must then be set (default: "
                              "the config's audit_key_env with --config, else FLUXFRAME_AUDIT_KEY if it is set)")
+    verify.add_argument("--glob", default="*.jsonl", metavar="PATTERN",
+                        help="with a folder: which files in it are logs (default: *.jsonl)")
     reanchor = audit_sub.add_parser("reanchor", help="record a new head, in the log, for a log refused at its tail "
                                     "(its chain must verify)")
     reanchor.add_argument("log", type=Path, nargs="?", help="the log (default: the config's [safety] audit_log)")
@@ -164,14 +169,39 @@ def _cmd_verify(args) -> int:
     from fluxframe.core.audit import DEFAULT_KEY_ENV, verify_log
 
     log, key, key_name = _audit_target(args, DEFAULT_KEY_ENV)
+    how = f"HMACs checked with the key in {key_name}" if key else "no key: HMACs not checked"
+    if log.is_dir():
+        return _verify_folder(log, args, key, how)
     result = verify_log(log, key=key, head=not args.no_head)
     if result.ok:
-        how = f"HMACs checked with the key in {key_name}" if key else "no key: HMACs not checked"
         print(f"{log}: ok: {result.reason} ({how})")
         return 0
+    _print_broken(log, result)
+    return 1
+
+
+def _print_broken(log: Path, result) -> None:
     where = f" at line {result.broken_at}" if result.broken_at else ""
     print(f"{log}: BROKEN{where}: {result.reason}", file=sys.stderr)
-    return 1
+
+
+def _verify_folder(folder: Path, args, key: bytes | None, how: str) -> int:
+    """Each log in ``folder`` on its own line (its own chain); exit 1 if any is broken or there is none."""
+    from fluxframe.core.audit import verify_logs
+
+    checks = verify_logs(folder, pattern=args.glob, key=key, head=not args.no_head)
+    if not checks:
+        print(f"{folder}: no audit logs matching {args.glob}", file=sys.stderr)
+        return 1
+    for log, result in checks:
+        if result.ok:
+            print(f"{log}: ok: {result.reason}")
+        else:
+            _print_broken(log, result)
+    broken = sum(not result.ok for _, result in checks)
+    print(f"{folder}: {len(checks)} logs, {len(checks) - broken} intact, {broken} broken ({how})",
+          file=sys.stderr if broken else sys.stdout)
+    return 1 if broken else 0
 
 
 def _cmd_reanchor(args) -> int:

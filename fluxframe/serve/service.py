@@ -93,7 +93,10 @@ class Service:
     (in a thread unless ``wait``) and starts the worker; ``stop`` ends the worker after its current batch."""
 
     def __init__(self, config: Any, *, worker_id: str = "serve", pipeline: Any = None,
-                 load: Callable[[Any], Any] | None = None, audit_logs: Callable[[], list[Path]] | None = None):
+                 load: Callable[[Any], Any] | None = None, audit_logs: Callable[[], list[Path]] | None = None,
+                 lease: float = 60.0, sweep_seconds: float = 60.0):
+        """``lease``: seconds a claimed job stays this worker's without a renewal (each step renews it);
+        ``sweep_seconds``: how often ``housekeeping`` looks for other workers' expired leases."""
         self.config = config
         self.settings = config.serve
         self.state_dir = config.serve_state_dir
@@ -109,6 +112,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._last_step: dict[tuple[str, ...], float] = {}
         self._last_sweep = 0.0
+        self.lease, self.sweep_seconds = lease, sweep_seconds
         self.max_batch_size = self.settings.max_batch_size or config.sampler.max_batch_size
 
     # -- life ------------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class Service:
             try:
                 self.housekeeping()
                 jobs = self.store.next_batch(self.worker_id, self.max_batch_size,
-                                             wait=self.settings.batch_wait_ms / 1000)
+                                             wait=self.settings.batch_wait_ms / 1000, lease=self.lease)
             except FluxframeError as exc:
                 log.error("the job store failed: %s", exc)
                 jobs = []
@@ -324,7 +328,7 @@ class Service:
             self.metrics.step_time.observe(now - last)
         if info.step < info.num_steps:
             self._last_step[info.request_ids] = now
-        self.store.progress(info.request_ids, info.step, info.num_steps)
+        self.store.progress(info.request_ids, info.step, info.num_steps, lease=self.lease)
 
     def _cancelled(self, request_id: str) -> bool:
         return bool(self.store.cancel_requested([request_id]))
@@ -355,10 +359,10 @@ class Service:
                 log.warning("job %s was %s before its worker stopped (from the audit log)", job.id, status)
 
     def housekeeping(self, *, now: float | None = None) -> None:
-        """Every minute: other workers' jobs whose lease ran out are recovered; finished jobs older than
-        ``retention_hours`` are removed with their images (the audit log keeps their lines)."""
+        """Every ``sweep_seconds`` (a minute by default): other workers' jobs whose lease ran out are recovered;
+        finished jobs older than ``retention_hours`` are removed with their images (the audit log keeps their lines)."""
         now = time.time() if now is None else now
-        if now - self._last_sweep < 60:
+        if now - self._last_sweep < self.sweep_seconds:
             return
         self._last_sweep = now
         self.recover(self.store.stale())

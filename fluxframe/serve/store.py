@@ -231,6 +231,28 @@ class Store:
                               ids).fetchall()
         return [Job.from_row(r) for r in rows]
 
+    def claim(self, ids: Iterable[str], worker: str, *, lease: float = 60.0) -> list[Job]:
+        """Claim those of the jobs ``ids`` that are still queued for ``worker`` (a job pushed to one worker may
+        have been claimed by another meanwhile); the claimed jobs, oldest first."""
+        ids = list(ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._write() as db:
+            now = time.time()
+            db.execute(f"UPDATE jobs SET status='running', started=?, attempts=attempts+1, worker=?, lease_until=?, "
+                       f"step=0 WHERE status='queued' AND id IN ({marks})", (now, worker, now + lease, *ids))
+            rows = db.execute(f"SELECT * FROM jobs WHERE status='running' AND worker=? AND started=? AND id IN "
+                              f"({marks}) ORDER BY seq", (worker, now, *ids)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def renew(self, worker: str, *, lease: float = 60.0) -> int:
+        """Renew the lease of every job ``worker`` is running (a heartbeat: a live worker keeps its jobs between
+        steps too); how many."""
+        with self._write() as db:
+            return db.execute("UPDATE jobs SET lease_until=? WHERE status='running' AND worker=?",
+                              (time.time() + lease, worker)).rowcount
+
     def progress(self, ids: Iterable[str], step: int, steps: int, *, lease: float = 60.0) -> None:
         """The running jobs ``ids`` are at ``step`` of ``steps``; their lease is renewed."""
         ids = list(ids)
