@@ -238,3 +238,32 @@ def test_identity_differs_for_another_config(tiny, tmp_path, encoder):
     assert {k: v for k, v in other.identity.items() if k != "config_sha256"} == {
         k: v for k, v in encoder.identity.items() if k != "config_sha256"
     }
+
+
+def test_padding_keys_trimmed_exactly(encoder):
+    """The encoder's attention skips the padding keys past the batch's longest prompt (no query attends them):
+    the embeddings equal those of plain sdpa over all 512 keys, for prompts of different lengths together."""
+    from fluxframe.plugins.flux2.text_encoder import TRIMMED_SDPA, attended_keys
+
+    config = encoder._text_config
+    assert config._attn_implementation == TRIMMED_SDPA
+    prompts = ["a red circle", PROMPTS[1], ""]
+    batch = encoder.tokenizer.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in prompts], tokenize=True,
+        return_dict=True, return_tensors="pt", padding="max_length", max_length=512)
+    assert attended_keys(batch["attention_mask"]) < 100  # something is trimmed
+    trimmed = encoder.encode(prompts)
+    config._attn_implementation = "sdpa"
+    try:
+        full = encoder.encode(prompts)
+    finally:
+        config._attn_implementation = TRIMMED_SDPA
+    assert rel_err(trimmed, full) < 1e-6
+
+
+def test_attended_keys():
+    from fluxframe.plugins.flux2.text_encoder import attended_keys
+
+    assert attended_keys(torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])) == 3  # right padding: the longest
+    assert attended_keys(torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])) == 5  # left padding: nothing to trim
+    assert attended_keys(torch.zeros(1, 4, dtype=torch.long)) == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flex2_helpers import build_flux_folder
 from PIL import Image
 
@@ -173,6 +174,22 @@ def test_encode_unique_encodes_each_text_once_and_keeps_the_order():
     text = encode_unique(Model(), ["", "ab", "", "abc", "ab"])
     assert Model.calls == [["", "ab", "abc"]]
     assert text.embeds[:, 0, 0].tolist() == [0.0, 2.0, 0.0, 3.0, 2.0] and text.ids.shape == (3, 4)
+
+
+def test_decoding_on_a_cpu_goes_a_few_images_at_a_time(monkeypatch):
+    """A batch's latents decode in calls of at most CPU_DECODE_PIXELS pixels on a CPU (a larger call outgrows the
+    caches and is slower per image); each image is still the one its request gives alone."""
+    from fluxframe.core import batching
+
+    assert batching.decode_chunk(torch.zeros(8, 256, 128), (16, 16), 16) == 2  # 256² at the default budget
+    assert batching.decode_chunk(torch.zeros(8, 4096, 128), (64, 64), 16) == 1  # 1024²: one at a time
+    monkeypatch.setattr(batching, "CPU_DECODE_PIXELS", 2 * 64 * 64)
+    pipeline = _pipeline({"preset": "tiny"})
+    decoded, decode = [], pipeline.stages.model.decode
+    pipeline.stages.model.decode = lambda latents: decoded.append(latents.tokens.shape[0]) or decode(latents)
+    requests = [api.GenerationRequest(prompt=p, seed=s) for s, p in enumerate(("a cat", "a dog", "a boat"))]
+    assert_batched_equals_single(pipeline, requests, "tiny, decoded two at a time")
+    assert decoded[-2:] == [2, 1], decoded
 
 
 def test_max_batch_size_bounds():

@@ -621,11 +621,15 @@ class Pipeline:
     def _decode_batch(self, runs: list[Run]) -> None:
         import torch
 
+        from fluxframe.core.batching import decode_chunk
         from fluxframe.core.images import to_pil
 
-        first = runs[0].latents
-        images = to_pil(self.stages.model.decode(Latents(tokens=torch.cat([run.latents.tokens for run in runs]),
-                                                         ids=first.ids, grid=first.grid)))
+        model, first = self.stages.model, runs[0].latents
+        tokens = torch.cat([run.latents.tokens for run in runs])
+        step = decode_chunk(tokens, first.grid, model.limits.pixel_multiple)  # a few at a time on a CPU
+        images = []
+        for at in range(0, len(runs), step):
+            images += to_pil(model.decode(Latents(tokens=tokens[at:at + step], ids=first.ids, grid=first.grid)))
         for run, image in zip(runs, images, strict=True):
             run.image = image
 

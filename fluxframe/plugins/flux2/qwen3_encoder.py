@@ -33,6 +33,7 @@ class Qwen3PromptEncoder(HiddenStateEncoder):
         if getattr(tokenizer, "chat_template", None) is None:
             raise CheckpointError("the tokenizer has no chat template")
         self._backbone = getattr(model, "model", model)  # hidden states without the B x L x vocab logits
+        self._trim_padding_keys()
 
     @classmethod
     def from_pretrained(cls, text_encoder_dir: Path, tokenizer_dir: Path, *, dtype: torch.dtype,

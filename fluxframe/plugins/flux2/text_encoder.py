@@ -76,6 +76,28 @@ def read_encoder_config(folder: Path, model_type: str, label: str):
     return config
 
 
+TRIMMED_SDPA = "fluxframe-trimmed-sdpa"
+
+
+def trimmed_sdpa(module, query, key, value, attention_mask, *args, attended_keys: int | None = None, **kwargs):
+    """transformers' sdpa attention over the first ``attended_keys`` keys only. Prompts are padded (on the right) to
+    512 tokens for a few dozen real ones, and a padding key is masked for every query, so a batch's keys past its
+    longest prompt change nothing but cost most of the attention: dropping them gives the same hidden states (up to
+    summation order) for a fraction of the work. Without ``attended_keys`` (generation, a cache) it is plain sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attended_keys is not None and attention_mask is not None and attention_mask.shape[-1] == key.shape[2]:
+        key, value = key[:, :, :attended_keys], value[:, :, :attended_keys]
+        attention_mask = attention_mask[..., :attended_keys]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def attended_keys(attention_mask: torch.Tensor) -> int:
+    """One past the last position any prompt of the batch attends to (its padding mask, (B, L), 1 = token)."""
+    columns = attention_mask.any(dim=0).nonzero()
+    return int(columns[-1]) + 1 if len(columns) else attention_mask.shape[1]
+
+
 class HiddenStateEncoder:
     """What the FLUX.2 prompt encoders share: run the language model and stack the hidden states of
     ``hidden_layers`` into (B, L, len(hidden_layers)·hidden) embeddings. Subclasses tokenize."""
@@ -110,10 +132,23 @@ class HiddenStateEncoder:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    def _trim_padding_keys(self) -> None:
+        """Have the language model's sdpa attention skip the keys no query attends (see ``trimmed_sdpa``); another
+        attention implementation (eager, flash) is left as it is."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        if getattr(self._text_config, "_attn_implementation", None) == "sdpa":
+            AttentionInterface.register(TRIMMED_SDPA, trimmed_sdpa)
+            AttentionMaskInterface.register(TRIMMED_SDPA, sdpa_mask)  # the padding mask sdpa gets, so ours too
+            self._text_config._attn_implementation = TRIMMED_SDPA
+
     def _stacked_taps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         device = self.device
+        trimmed = getattr(self._text_config, "_attn_implementation", None) == TRIMMED_SDPA
+        extra = {"attended_keys": attended_keys(attention_mask)} if trimmed else {}
         output = self._backbone(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                output_hidden_states=True, use_cache=False)
+                                output_hidden_states=True, use_cache=False, **extra)
         taps = torch.stack([output.hidden_states[i] for i in self.hidden_layers], dim=1)  # (B, 3, L, D)
         b, n, length, d = taps.shape
         return taps.permute(0, 2, 1, 3).reshape(b, length, n * d)
@@ -142,6 +177,7 @@ class MistralPromptEncoder(HiddenStateEncoder):
             raise CheckpointError("the tokenizer has no pad token, so prompts cannot be padded to a fixed length")
         # The base model returns the same hidden states as the full model without computing B x L x vocab logits.
         self._backbone = getattr(model, "model", model)
+        self._trim_padding_keys()
 
     @classmethod
     def from_pretrained(
