@@ -210,3 +210,69 @@ def test_reserved_keys_and_helpers(tmp_path):
     empty.write_bytes(b"")
     assert verify_log(empty).ok
     assert not (tmp_path / "a.jsonl").exists()
+
+
+class _Died(BaseException):
+    """Stands for the process dying at that instant (nothing after it runs but the finally blocks)."""
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32])
+def test_dying_around_a_new_logs_first_line_leaves_a_log_that_continues(tmp_path, monkeypatch, key):
+    """A new log gets a genesis head (seq 0) before its first line, so dying between the first line and its head,
+    or before the first line, leaves a state the next writer accepts (one line behind, or empty), not a log
+    without a head (which is refused: lines may have been deleted with it)."""
+    import os
+
+    import fluxframe.core.audit as audit
+
+    path = tmp_path / "audit.jsonl"
+    replace, calls = os.replace, []
+
+    def dies_on_the_second_replace(src, dst):  # 1st: the genesis head; 2nd: the head after line 1
+        calls.append(dst)
+        if len(calls) == 2:
+            raise _Died()
+        replace(src, dst)
+
+    monkeypatch.setattr(audit.os, "replace", dies_on_the_second_replace)
+    with pytest.raises(_Died):
+        AuditLog(path, key=key).append({"n": 1})
+    monkeypatch.setattr(audit.os, "replace", replace)
+    assert len(path.read_bytes().splitlines()) == 1
+    assert json.loads(head_path(path).read_bytes())["seq"] == 0
+    check = verify_log(path, key=key)
+    assert check.ok and "after the head's seq 0" in check.reason
+    AuditLog(path, key=key).preflight()
+    AuditLog(path, key=key).append({"n": 2})
+    assert verify_log(path, key=key).ok and verify_log(path, key=key).lines == 2
+
+    # dying after the genesis head, before the first line: an empty log that starts afresh
+    other = tmp_path / "other.jsonl"
+    write = os.write
+
+    def dies_writing(fd, data):
+        raise _Died()
+
+    monkeypatch.setattr(audit.os, "write", dies_writing)
+    with pytest.raises(_Died):
+        AuditLog(other, key=key).append({"n": 1})
+    monkeypatch.setattr(audit.os, "write", write)
+    assert other.read_bytes() == b"" and verify_log(other, key=key).ok
+    AuditLog(other, key=key).append({"n": 1})
+    assert verify_log(other, key=key).ok and verify_log(other, key=key).lines == 1
+
+
+def test_a_genesis_head_does_not_excuse_a_longer_log_or_another_key(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for n in range(3):
+        log.append({"n": n})
+    head_path(path).write_bytes(b'{"hash":"' + GENESIS.encode() + b'","seq":0}\n')  # rolled back to a new log's
+    with pytest.raises(AuditError, match="does not match"):
+        log.append({"n": 4})
+    assert not verify_log(path).ok
+    keyed = tmp_path / "keyed.jsonl"
+    AuditLog(keyed, key=b"a" * 32).append({"n": 1})
+    head_path(keyed).write_bytes(b'{"hash":"' + GENESIS.encode() + b'","seq":0}\n')  # no MAC
+    with pytest.raises(AuditError, match="HMAC"):
+        AuditLog(keyed, key=b"a" * 32).append({"n": 2})

@@ -26,7 +26,10 @@ between start-up and a request:
   without one, nor a log written without a key with one. Only the last two lines are read, backwards
   from the end, so an append costs the same on a long log; ``verify_log`` checks the rest.
 * A missing head beside a non-empty log (or a head beside an empty or missing log) is a refusal, not a
-  fresh start: re-creating the head would hide the deletion of the log's last lines together with it.
+  fresh start: re-creating the head would hide the deletion of the log's last lines together with it. So a new
+  log gets a genesis head (seq 0, the genesis hash, with a key its MAC) *before* its first line: a crash between
+  that line and its own head leaves the head one line behind, as for any later line, and a crash before the line
+  an empty log with a genesis head, which starts afresh (no weaker than deleting both files, which also does).
 
 Re-anchoring is the one way past such a refusal that leaves a record (``AuditLog.reanchor(reason)``,
 ``fluxframe audit reanchor LOG --reason TEXT``). Under the lock, the whole chain must verify (with the
@@ -299,7 +302,7 @@ class AuditLog:
         size = f.seek(0, os.SEEK_END)
         head_raw = _read_head(self.head_path)
         if size == 0:
-            if head_raw is not None:
+            if head_raw is not None and not self._is_genesis(head_raw):  # a genesis head: died before line 1
                 raise self._refusal(f"the log is empty but its head file {self.head_path.name} is there: the log "
                                     "was truncated or replaced")
             return None, None
@@ -345,7 +348,8 @@ class AuditLog:
             raise self._refusal(f"the head file {self.head_path.name} has no HMAC or one that does not match the "
                                 "configured key")
         at = (head["seq"], head["hash"])
-        if at == (seq, sha256_bytes(last)) or (before is not None and at == (seq - 1, sha256_bytes(before))):
+        behind = (seq - 1, sha256_bytes(before) if before is not None else GENESIS)
+        if at == (seq, sha256_bytes(last)) or at == behind:
             return record, last  # in step, or one line behind after a crash between the line and the head
         if head["seq"] > seq:
             raise self._refusal(f"the head records seq {head['seq']} but the log ends at seq {seq}: lines were "
@@ -426,6 +430,34 @@ class AuditLog:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    def _is_genesis(self, raw: bytes) -> bool:
+        """``raw`` is the head a new log gets before its first line (seq 0, the genesis hash; with a key, its MAC)."""
+        head = _parse_head(raw)
+        return head is not None and (head["seq"], head["hash"]) == (0, GENESIS) and (
+            self.key is None or _mac_ok(self.key, head))
+
+    def _put_genesis_head(self) -> None:
+        """Before a new log's first line, a head at seq 0: a crash between that line and its own head then leaves
+        a head one line behind, as for any later line, instead of a log without a head (which is refused)."""
+        head: dict[str, Any] = {"seq": 0, "hash": GENESIS}
+        if self.key is not None:
+            head["mac"] = _mac(self.key, head)
+        fd, tmp = self._head_tmp()
+        try:
+            with os.fdopen(fd, "wb") as t:
+                fd = -1
+                t.write(_encode(head) + b"\n")
+                t.flush()
+                os.fsync(t.fileno())
+            os.replace(tmp, self.head_path)
+            fsync_folder(self.head_path.parent)
+        except OSError as exc:
+            raise AuditError(f"cannot write the new log's head file: {_why(exc)}", path=str(self.head_path)) from None
+        finally:
+            if fd != -1:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+
     def _write(self, f, record: dict[str, Any], last_record: dict[str, Any] | None, last: bytes | None, *,
                truncate_to: int | None = None) -> dict[str, Any]:
         """Append ``record`` after ``last`` and replace the head; called with the log locked and its tail checked."""
@@ -439,6 +471,8 @@ class AuditLog:
         head: dict[str, Any] = {"seq": written["seq"], "hash": sha256_bytes(line)}
         if self.key is not None:
             head["mac"] = _mac(self.key, head)
+        if last is None and truncate_to is None:
+            self._put_genesis_head()
         tmp_fd, tmp = self._head_tmp()  # first: a folder where the head cannot be replaced gets no line either
         try:
             fd = f.fileno()
@@ -658,6 +692,11 @@ def verify_log(path: str | Path, *, key: str | bytes | None = None, head: bool =
         return AuditCheck(False, len(lines), len(lines), f"head file {hp.name} is unreadable: {exc}", anchors)
     if key_b is not None and not _mac_ok(key_b, head_record):
         return AuditCheck(False, len(lines), len(lines), f"head file {hp.name}: HMAC does not match", anchors)
+    if (head_seq, head_hash) == (0, GENESIS) and len(lines) <= 1:  # a new log's head, written before line 1
+        if not lines:
+            return AuditCheck(True, 0, None, "empty log (its head is a new log's, from before its first line)")
+        return ok("1 line, chain intact (1 line(s) after the head's seq 0: the first write did not update the head, "
+                  "e.g. after a crash)")
     if head_seq > len(lines):
         return AuditCheck(False, len(lines), len(lines) + 1,
                           f"the log ends at line {len(lines)} but its head records {head_seq} lines: "
