@@ -146,12 +146,17 @@ class ModelFamily(ABC):
 
     #: Records of the LoRAs applied (see ``apply_loras``).
     loras: Sequence[dict[str, Any]] = ()
+    #: What ``[model] compile = true`` did, set by the family's ``load``: ``{"enabled": True, "backend", "blocks"}``,
+    #: or ``{"enabled": False, "reason"}`` where it ran uncompiled. None: compile was not asked for.
+    compiled: dict[str, Any] | None = None
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs and provenance records."""
         facts = {"family": self.name, "checkpoint": self.checkpoint_id}
         if self.loras:
             facts["loras"] = [dict(record) for record in self.loras]
+        if self.compiled is not None:
+            facts["compile"] = dict(self.compiled)
         return facts
 
 

@@ -419,6 +419,9 @@ class Pipeline:
         guard = output_guard(config, create=True)
         memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
+        if config.model.compile and model.compiled is None:
+            log.warning("[model] compile: model family %r does not compile its blocks; it runs uncompiled", model.name)
+            model.compiled = {"enabled": False, "reason": f"model family {model.name!r} does not compile"}
         apply_loras(config, model)
         sampler = host.get("sampler", config.sampler.name).factory()
         stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
@@ -466,7 +469,7 @@ class Pipeline:
                 with run.timed("postprocessing"):
                     self.postprocess(run)
                     self.release(run)
-            return run.result(self.stages.model.name)
+            return run.result(self.stages.model)
         except Blocked:  # already audited, with the verdicts
             raise
         except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was released
@@ -513,7 +516,7 @@ class Pipeline:
                     for i, run in batch:
                         if self._item(run, i, out, self._finish):
                             run.timings["total"] = time.perf_counter() - started[i]
-                            out[i] = run.result(self.stages.model.name)
+                            out[i] = run.result(self.stages.model)
         except BaseException as exc:  # a bug or an interrupt ends the call: the requests not run get their line too
             for i, run in runs:
                 if out[i] is None:
@@ -1005,15 +1008,18 @@ class Run:
         if when:
             self.timings[stage] = time.perf_counter() - started
 
-    def result(self, family: str) -> GenerationResult:
+    def result(self, model: ModelFamily) -> GenerationResult:
         notes = [_note(name, record) for name, record in self.context.records.items()]
         notes += [note for record in self.conditioning.info.values() if isinstance(record, dict)
                   for note in record.get("notes", [])]
+        if model.compiled is not None and not model.compiled.get("enabled"):
+            notes.append(f"compile: NOT applied: {model.compiled.get('reason') or 'no reason given'}")
         if self.step_cache is not None:
             c = self.step_cache
             notes.append(f"step cache {c['method']}: {c['computed']} DiT evaluations computed, {c['reused']} reused")
         return GenerationResult(
             request_id=self.request.request_id, image=self.image, path=self.path, prompt=self.request.prompt,
-            upsampled_prompt=self.upsampled, model_family=family, timings=self.timings, latents=self.latents.tokens,
+            upsampled_prompt=self.upsampled, model_family=model.name, timings=self.timings, latents=self.latents.tokens,
             verdicts=self.verdicts, notes=notes, audit=self.record, step_cache=self.step_cache,
+            compile=None if model.compiled is None else dict(model.compiled),
             **dataclasses.asdict(self.settings))

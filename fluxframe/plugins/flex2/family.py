@@ -246,7 +246,12 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         check_pair(transformer.config, vae.config, folder)
-        return cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
+        model = cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
+        if config.model.compile:
+            from fluxframe.plugins.common.compile import compile_blocks
+
+            model.compiled = compile_blocks(model.transformer, device)
+        return model
 
     def lora_rules(self):
         return keymap.rules(self.transformer.config)

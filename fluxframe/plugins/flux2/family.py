@@ -240,7 +240,17 @@ class Flux2(LoraSupport, ModelFamily):
     @classmethod
     def load(cls, config, memory):
         if config.model.path is not None and single_file.is_single_file(config):
-            return single_file.load(cls, config, memory)
+            model = single_file.load(cls, config, memory)
+        else:
+            model = cls._load_folder(config, memory)
+        if config.model.compile:
+            from fluxframe.plugins.common.compile import compile_blocks
+
+            model.compiled = compile_blocks(model.transformer, model.device)
+        return model
+
+    @classmethod
+    def _load_folder(cls, config, memory):
         folder = cls.folder_for(config)
         check_folder(folder)
         device = resolve_device(config.model.device)

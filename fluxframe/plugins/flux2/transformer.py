@@ -225,6 +225,12 @@ class Flux2Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype  # img_in's weight, also when a LoRA side path wraps img_in
 
+    @property
+    def eager_blocks(self) -> tuple[nn.Module, ...]:
+        """Blocks regional compilation leaves eager: the last single block, called once a step with the text-token
+        skip (see fluxframe.plugins.common.compile)."""
+        return (self.single_blocks[-1],) if len(self.single_blocks) else ()
+
     def forward(
         self,
         img: torch.Tensor,
