@@ -8,7 +8,8 @@ What it offers:
   ``fluxframe.core.hookspecs`` (README, "Plugin hooks").
 * The interfaces a plugin implements or is handed: ``ModelFamily`` and its ``ModelLimits``; ``ChannelConditioned``
   (a family with extra input channels per token, e.g. Flex.2's inpaint / mask / control); ``Conditioner``,
-  ``Sampler``, ``Postprocessor`` with its ``OutputContext``, ``Filter`` with its ``Verdict``, ``MemoryStrategy``.
+  ``Sampler``, ``Postprocessor`` with its ``OutputContext``, ``Filter`` with its ``Verdict``, ``MemoryStrategy``,
+  ``StepCache`` with the per-run ``StepCacheRun`` a family's ``predict`` receives.
 * The data passed between stages: ``GenerationRequest``, ``TextConditioning``, ``Latents``, ``Conditioning``,
   ``StepInfo``.
 * The errors to raise: ``FluxframeError`` and ``ConfigError``, ``PluginError``, ``CheckpointError``,
@@ -42,6 +43,8 @@ from fluxframe.core.interfaces import (
     OutputContext,
     Postprocessor,
     Sampler,
+    StepCache,
+    StepCacheRun,
     Verdict,
 )
 from fluxframe.errors import (
@@ -69,7 +72,7 @@ _LAZY = {
 __all__ = [
     "hookimpl",
     "ModelFamily", "ModelLimits", "ChannelConditioned", "Conditioner", "Sampler", "Postprocessor", "OutputContext",
-    "Filter", "Verdict", "MemoryStrategy",
+    "Filter", "Verdict", "MemoryStrategy", "StepCache", "StepCacheRun",
     "Conditioning", "GenerationRequest", "Latents", "StepInfo", "TextConditioning",
     "FluxframeError", "ConfigError", "PluginError", "CheckpointError", "RequestError", "OutputError", "SafetyError",
     "ProvenanceError",

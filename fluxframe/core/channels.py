@@ -31,14 +31,22 @@ def require_channels(model: Any, conditioner: str, *groups: str) -> ChannelCondi
 
 
 class ChannelStop:
-    """A step hook: channel group ``group`` is ``channels`` for steps i < int(N·stop), zeros after."""
+    """A step hook: channel group ``group`` is ``channels`` for steps i < int(N·stop), zeros after.
+
+    The zeros are made once, so the group is the same tensor on every step until the switch and another one after
+    it: a step cache sees the conditioning change exactly once (see fluxframe.core.pipeline)."""
 
     def __init__(self, group: str, channels, stop: float):
         self.group, self.channels, self.stop = group, channels, stop
+        self._zeros = None
 
     def __call__(self, step: int, num_steps: int, conditioning) -> None:
-        on = step < int(num_steps * self.stop)
-        conditioning.channels[self.group] = self.channels if on else self.channels.new_zeros(self.channels.shape)
+        if step < int(num_steps * self.stop):
+            conditioning.channels[self.group] = self.channels
+            return
+        if self._zeros is None:
+            self._zeros = self.channels.new_zeros(self.channels.shape)
+        conditioning.channels[self.group] = self._zeros
 
 
 def _number(conditioner: str, name: str, value: Any, low: float, high: float | None) -> float:

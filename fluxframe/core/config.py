@@ -36,6 +36,9 @@ class ModelSection(_Section):
     text_encoder: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: str = "auto"
+    # Compile the DiT's repeated block classes once each with torch.compile (regional compilation); where torch
+    # has no working compiler, the blocks run uncompiled and the result says so.
+    compile: bool = False
 
     @field_validator("device")
     @classmethod
@@ -53,6 +56,18 @@ class ModelSection(_Section):
         return self
 
 
+class StepCacheSettings(BaseModel):
+    """[sampler.cache]: ``method`` picks the step cache plugin; every other key is one of its options (checked by
+    its factory: ``threshold`` for ``first-block``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    method: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class SamplerSection(_Section):
     name: str = "flow-euler"
     # None: the model's own default (FLUX.2 dev 50 / 4.0, klein distilled 4 / 1.0, klein base 50 / 4.0).
@@ -64,6 +79,8 @@ class SamplerSection(_Section):
     # Pipeline.generate_many runs at most this many requests through the model at once (memory grows with it);
     # it caps `fluxframe batch --batch-size`.
     max_batch_size: int = Field(8, ge=1, le=256)
+    # A step cache (see fluxframe.plugins.stepcache); none by default, so every step runs the whole DiT.
+    cache: StepCacheSettings | None = None
 
     @field_validator("guidance", mode="before")
     @classmethod

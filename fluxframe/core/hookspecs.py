@@ -23,6 +23,11 @@ def register_samplers(register):
 
 
 @hookspec
+def register_step_caches(register):
+    """Register step caches: ``register(name, factory)``; ``factory(**options)`` returns a StepCache."""
+
+
+@hookspec
 def register_conditioners(register):
     """Register conditioners: ``register(name, factory)``; ``factory(**options)`` returns a Conditioner."""
 

@@ -48,6 +48,10 @@ class ModelFamily(ABC):
     #: take B images at once and give each what it gets alone; ``Pipeline.generate_many`` then runs compatible
     #: requests as one batch. False: it runs them one by one.
     batched: ClassVar[bool] = False
+    #: Whether ``predict`` takes a ``cache`` (a StepCacheRun, given only when ``[sampler.cache]`` is configured):
+    #: the family runs its DiT's first block, then hands the rest to ``cache.run``. False: a configured step cache
+    #: is a ConfigError naming ``sampler.cache``.
+    takes_step_cache: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -92,8 +96,10 @@ class ModelFamily(ABC):
         text: TextConditioning,
         conditioning: Conditioning,
         guidance: float,
+        cache: StepCacheRun | None = None,
     ) -> torch.Tensor:
-        """The velocity of the image tokens (B, N, C) at noise level sigma."""
+        """The velocity of the image tokens (B, N, C) at noise level sigma. ``cache`` is passed only to families
+        that declare ``takes_step_cache``, and only when a step cache is configured."""
 
     @abstractmethod
     def encode_image(self, images: torch.Tensor) -> Latents:
@@ -140,12 +146,17 @@ class ModelFamily(ABC):
 
     #: Records of the LoRAs applied (see ``apply_loras``).
     loras: Sequence[dict[str, Any]] = ()
+    #: What ``[model] compile = true`` did, set by the family's ``load``: ``{"enabled": True, "backend", "blocks"}``,
+    #: or ``{"enabled": False, "reason"}`` where it ran uncompiled. None: compile was not asked for.
+    compiled: dict[str, Any] | None = None
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs and provenance records."""
         facts = {"family": self.name, "checkpoint": self.checkpoint_id}
         if self.loras:
             facts["loras"] = [dict(record) for record in self.loras]
+        if self.compiled is not None:
+            facts["compile"] = dict(self.compiled)
         return facts
 
 
@@ -207,6 +218,10 @@ class Sampler(ABC):
     """The denoising loop over a sigma schedule."""
 
     name: ClassVar[str]
+    #: Whether a step cache may serve this sampler's model calls: it calls ``velocity`` once per step, in step
+    #: order, so "the last fully computed step" means what the cache assumes. False: ``[sampler.cache]`` is a
+    #: ConfigError naming ``sampler.cache``.
+    takes_step_cache: ClassVar[bool] = False
 
     @abstractmethod
     def sample(
@@ -219,6 +234,45 @@ class Sampler(ABC):
         """Integrate from sigmas[0] to sigmas[-1]; ``velocity(x, sigma, step)`` calls the model."""
 
 
+class StepCacheRun(ABC):
+    """One denoising run's step-cache state (``StepCache.start``), handed to ``ModelFamily.predict``. Per image of
+    the batch and per ``stream`` (the positive and the negative pass of true CFG each keep their own), it decides
+    whether the DiT's remaining blocks run or their residual from the last fully computed step is reused."""
+
+    @abstractmethod
+    def run(self, stream: str, probe: torch.Tensor | None, hidden: torch.Tensor,
+            rest: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """The image-token hidden states (B, N, D) after every block. ``probe`` (B, ...) is what the first block(s)
+        changed (their output minus their input; None: the family cannot probe, so everything runs), ``hidden`` the
+        hidden states after them, ``rest(rows)`` runs the remaining blocks for those rows of the batch (a tensor of
+        indices; None: all) and returns their hidden states after the last block."""
+
+    @abstractmethod
+    def invalidate(self, rows: Sequence[int]) -> None:
+        """The conditioning of these images changed since the last step (e.g. control switched off): their next
+        step is computed in full, in every stream."""
+
+    @abstractmethod
+    def counts(self) -> list[dict[str, int]]:
+        """Per image of the batch: ``{"computed": n, "reused": m}``, DiT evaluations (true CFG: two per step)."""
+
+
+class StepCache(ABC):
+    """A step cache (``[sampler.cache] method = NAME``): skips most of the DiT on steps where its first block's
+    output barely changed since the last step computed in full. The factory's keyword parameters are its options."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The method and its options (``{"method": "first-block", "threshold": 0.1}``), for the result, the audit
+        line and the C2PA generation assertion."""
+
+    @abstractmethod
+    def start(self, batch: int) -> StepCacheRun:
+        """Fresh state for one denoising run of ``batch`` images."""
+
+
 @dataclass
 class OutputContext:
     """What postprocessors and output filters know about the image being finished."""
@@ -228,6 +282,7 @@ class OutputContext:
     config: Config
     verdicts: list[Any] = field(default_factory=list)
     records: dict[str, Any] = field(default_factory=dict)  # what each postprocessor did, for the audit log
+    step_cache: dict[str, Any] | None = None  # the step cache's settings and counts, when one is configured
 
 
 class Postprocessor(ABC):

@@ -35,6 +35,7 @@ from fluxframe.core.interfaces import (
     OutputContext,
     Postprocessor,
     Sampler,
+    StepCache,
 )
 from fluxframe.core.options import instantiate
 from fluxframe.core.output import (
@@ -75,11 +76,13 @@ class Stages:
     postprocessors: list[Postprocessor] = field(default_factory=list)
     audit: Any = None  # fluxframe.core.audit.AuditLog, when [safety] audit_log is set
     guard: OutputGuard = field(default_factory=OutputGuard)
+    cache: StepCache | None = None  # [sampler.cache], when configured
 
 
 def _check_plugins(config: Config, host: PluginHost) -> list[str]:
     family = host.get("model_family", config.model.family).factory
     host.get("sampler", config.sampler.name)
+    build_step_cache(config, host)
     build_memory(config, host)
     build_conditioners(config, host)
     lora_specs(config)
@@ -273,6 +276,46 @@ def build_memory(config: Config, host: PluginHost) -> MemoryStrategy:
         raise ConfigError(str(exc), path=config.source, key="memory.strategy") from None
 
 
+def build_step_cache(config: Config, host: PluginHost) -> StepCache | None:
+    """The [sampler.cache] step cache built with its options, or None when there is none. A ConfigError naming the
+    key when the method is unknown, an option is bad, or the sampler or model family cannot use a step cache."""
+    section = config.sampler.cache
+    if section is None:
+        return None
+    try:
+        registration = host.get("step_cache", section.method)
+    except PluginError as exc:
+        raise ConfigError(str(exc), path=config.source, key="sampler.cache.method") from None
+    cache = instantiate(registration.factory, section.options, key="sampler.cache", source=config.source,
+                        base_dir=config.base_dir)
+    if not all(callable(getattr(cache, m, None)) for m in ("start", "settings")):
+        raise PluginError(f"step cache {section.method!r} of plugin {registration.plugin!r}: its factory returned "
+                          f"{type(cache).__name__}, not a StepCache", plugin=registration.plugin)
+    sampler = host.get("sampler", config.sampler.name).factory
+    if not getattr(sampler, "takes_step_cache", False):
+        raise ConfigError(f"sampler {config.sampler.name!r} cannot use a step cache (it does not declare "
+                          f"takes_step_cache)", path=config.source, key="sampler.cache")
+    family = host.get("model_family", config.model.family).factory
+    if not getattr(family, "takes_step_cache", False):
+        raise ConfigError(f"model family {config.model.family!r} cannot use a step cache (it does not declare "
+                          f"takes_step_cache)", path=config.source, key="sampler.cache")
+    return cache
+
+
+def _conditioning_state(conditioning: Conditioning) -> tuple:
+    """What a step cache must not reuse across: which tensors the model is given besides the latents. Step hooks
+    that change the conditioning (ChannelStop switching control off) put new tensors in place, so a change of
+    identity is a change of input."""
+    return (tuple((name, id(t)) for name, t in conditioning.channels.items()),
+            tuple(id(t) for t, _ in conditioning.extra_tokens))
+
+
+def cache_record(cache: StepCache, counts: dict[str, int], steps: int) -> dict[str, Any]:
+    """The step cache's line in a result, audit record and generation assertion: settings, then DiT evaluations
+    computed in full and reused, over ``steps`` steps."""
+    return {**cache.settings(), "steps": steps, **counts}
+
+
 def build_conditioner(config: Config, host: PluginHost, name: str, family: str, options: dict[str, Any],
                       key: str) -> Conditioner:
     conditioner = instantiate(host.get("conditioner", name).factory, options, key=key, source=config.source,
@@ -379,10 +422,14 @@ class Pipeline:
         guard = output_guard(config, create=True)
         memory = build_memory(config, host)
         model = host.get("model_family", config.model.family).factory.load(config, memory)
+        if config.model.compile and model.compiled is None:
+            log.warning("[model] compile: model family %r does not compile its blocks; it runs uncompiled", model.name)
+            model.compiled = {"enabled": False, "reason": f"model family {model.name!r} does not compile"}
         apply_loras(config, model)
         sampler = host.get("sampler", config.sampler.name).factory()
         stages = Stages(model=model, sampler=sampler, policy=policy, postprocessors=postprocessors, audit=audit,
-                        conditioners=build_conditioners(config, host), guard=guard)
+                        conditioners=build_conditioners(config, host), guard=guard,
+                        cache=build_step_cache(config, host))
         pipeline = cls(config, stages, host)
         pipeline.sweep(config.output_dir)
         return pipeline
@@ -425,7 +472,7 @@ class Pipeline:
                 with run.timed("postprocessing"):
                     self.postprocess(run)
                     self.release(run)
-            return run.result(self.stages.model.name)
+            return run.result(self.stages.model)
         except Blocked:  # already audited, with the verdicts
             raise
         except Exception as exc:  # a bad reference image, a signing failure, a bug: nothing was released
@@ -472,7 +519,7 @@ class Pipeline:
                     for i, run in batch:
                         if self._item(run, i, out, self._finish):
                             run.timings["total"] = time.perf_counter() - started[i]
-                            out[i] = run.result(self.stages.model.name)
+                            out[i] = run.result(self.stages.model)
         except BaseException as exc:  # a bug or an interrupt ends the call: the requests not run get their line too
             for i, run in runs:
                 if out[i] is None:
@@ -604,6 +651,9 @@ class Pipeline:
         noise = [model.initial_noise(run.settings.seed, settings.width, settings.height) for run in runs]
         ids, grid = noise[0].ids, noise[0].grid
         sigmas = model.sigmas(settings.steps, noise[0].tokens.shape[1])
+        # One cache state per image: each decides its own steps, as it would alone.
+        cache = self.stages.cache.start(len(runs)) if self.stages.cache is not None else None
+        seen: list[Any] = [None] * len(runs)
 
         def velocity(x, sigma, step):
             if watch is not None:
@@ -612,11 +662,18 @@ class Pipeline:
                 for hook in run.conditioning.step_hooks:
                     hook(step, settings.steps, run.conditioning)
             conditioning = stack_conditioning([run.conditioning for run in runs])
-            return model.predict(x, ids, sigma, text, conditioning, settings.guidance)
+            if cache is None:
+                return model.predict(x, ids, sigma, text, conditioning, settings.guidance)
+            states = [_conditioning_state(run.conditioning) for run in runs]
+            cache.invalidate([k for k, state in enumerate(states) if seen[k] is not None and seen[k] != state])
+            seen[:] = states
+            return model.predict(x, ids, sigma, text, conditioning, settings.guidance, cache=cache)
 
         tokens = self.stages.sampler.sample(torch.cat([n.tokens for n in noise]), sigmas, velocity, progress)
         for k, run in enumerate(runs):
             run.latents = Latents(tokens=tokens[k:k + 1], ids=ids, grid=grid)
+            if cache is not None:
+                run.step_cache = cache_record(self.stages.cache, cache.counts()[k], settings.steps)
 
     def _decode_batch(self, runs: list[Run]) -> None:
         import torch
@@ -712,16 +769,25 @@ class Pipeline:
         model, settings, conditioning = self.stages.model, run.settings, run.conditioning
         latents = model.initial_noise(settings.seed, settings.width, settings.height)
         sigmas = model.sigmas(settings.steps, latents.tokens.shape[1])
+        cache = self.stages.cache.start(1) if self.stages.cache is not None else None
+        seen = [None]
 
         def velocity(x, sigma, step):
             if watch is not None:
                 watch()
             for hook in conditioning.step_hooks:
                 hook(step, settings.steps, conditioning)
-            return model.predict(x, latents.ids, sigma, run.text, conditioning, settings.guidance)
+            if cache is None:
+                return model.predict(x, latents.ids, sigma, run.text, conditioning, settings.guidance)
+            if seen[0] is not None and seen[0] != _conditioning_state(conditioning):
+                cache.invalidate([0])
+            seen[0] = _conditioning_state(conditioning)
+            return model.predict(x, latents.ids, sigma, run.text, conditioning, settings.guidance, cache=cache)
 
         latents.tokens = self.stages.sampler.sample(latents.tokens, sigmas, velocity, progress)
         run.latents = latents
+        if cache is not None:
+            run.step_cache = cache_record(self.stages.cache, cache.counts()[0], settings.steps)
 
     def decode(self, run: Run) -> None:
         from fluxframe.core.images import to_pil
@@ -736,7 +802,7 @@ class Pipeline:
     def postprocess(self, run: Run) -> None:
         """The postprocessors' pixel steps (the watermark), in their fixed order."""
         run.context = OutputContext(request=run.request, model=self.stages.model.describe(), config=self.config,
-                                    verdicts=run.verdicts)
+                                    verdicts=run.verdicts, step_cache=run.step_cache)
         for post in self.stages.postprocessors:
             run.image = post.process_image(run.image, run.context)
 
@@ -891,6 +957,8 @@ class Pipeline:
             # what each postprocessor did (watermark applied or, where allowed, not; signed), once the file is made
             "postprocessors": run.context.records if output is not None and run.context is not None else None,
         }
+        if self.stages.cache is not None:  # only then: a deployment without one keeps its lines as they were
+            record["step_cache"] = run.step_cache
         if self.stages.audit is None:
             return record
         return self.stages.audit.append(_printable(record))
@@ -934,6 +1002,7 @@ class Run:
     image: Any = None
     decision: Any = None  # the output filters' Decision
     context: OutputContext | None = None
+    step_cache: dict | None = None  # the step cache's settings and counts (see cache_record), when one ran
     record: dict | None = None  # set once this request's audit line is written
     cancelled: bool = False  # generate_many's ``cancelled`` answered true: it stops, writes nothing
     timings: dict[str, float] = field(default_factory=dict)
@@ -946,11 +1015,18 @@ class Run:
         if when:
             self.timings[stage] = time.perf_counter() - started
 
-    def result(self, family: str) -> GenerationResult:
+    def result(self, model: ModelFamily) -> GenerationResult:
         notes = [_note(name, record) for name, record in self.context.records.items()]
         notes += [note for record in self.conditioning.info.values() if isinstance(record, dict)
                   for note in record.get("notes", [])]
+        if model.compiled is not None and not model.compiled.get("enabled"):
+            notes.append(f"compile: NOT applied: {model.compiled.get('reason') or 'no reason given'}")
+        if self.step_cache is not None:
+            c = self.step_cache
+            notes.append(f"step cache {c['method']}: {c['computed']} DiT evaluations computed, {c['reused']} reused")
         return GenerationResult(
             request_id=self.request.request_id, image=self.image, path=self.path, prompt=self.request.prompt,
-            upsampled_prompt=self.upsampled, model_family=family, timings=self.timings, latents=self.latents.tokens,
-            verdicts=self.verdicts, notes=notes, audit=self.record, **dataclasses.asdict(self.settings))
+            upsampled_prompt=self.upsampled, model_family=model.name, timings=self.timings, latents=self.latents.tokens,
+            verdicts=self.verdicts, notes=notes, audit=self.record, step_cache=self.step_cache,
+            compile=None if model.compiled is None else dict(model.compiled),
+            **dataclasses.asdict(self.settings))

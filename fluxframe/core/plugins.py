@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "fluxframe"
 KINDS = {
     "model_family": "register_model_families",
     "sampler": "register_samplers",
+    "step_cache": "register_step_caches",
     "conditioner": "register_conditioners",
     "postprocessor": "register_postprocessors",
     "filter": "register_filters",

@@ -107,3 +107,7 @@ class GenerationResult:
     latents: Any = None  # the denoised latent tokens (B, N, C), before decoding
     audit: dict | None = None  # the audit record written for this request
     upsampled_prompt: str | None = None  # what the model rewrote the prompt into, when asked to
+    # [sampler.cache]: its settings and the DiT evaluations computed in full and reused (None: no step cache)
+    step_cache: dict | None = None
+    # [model] compile: how the DiT's blocks ran (None: compile not asked for; see ModelFamily.describe)
+    compile: dict | None = None

@@ -1,4 +1,5 @@
-"""Built-in samplers: the flow-matching Euler integrator FLUX models are trained for."""
+"""Built-in samplers: the flow-matching Euler integrator FLUX models are trained for; and the sampler-side step
+cache (``[sampler.cache]``, see fluxframe.plugins.stepcache), registered here beside it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ class FlowEuler(Sampler):
     """x ← x + (σ_next − σ)·v, accumulated in fp32 whatever the model's dtype."""
 
     name = "flow-euler"
+    takes_step_cache = True  # one model call per step, in order
 
     def sample(self, x, sigmas, velocity, callback=None):
         from fluxframe.core.types import StepInfo
@@ -27,3 +29,10 @@ class FlowEuler(Sampler):
 @hookimpl(trylast=True)
 def register_samplers(register):
     register("flow-euler", FlowEuler)
+
+
+@hookimpl(trylast=True)
+def register_step_caches(register):
+    from .stepcache import FirstBlockCache
+
+    register("first-block", FirstBlockCache)

@@ -94,7 +94,8 @@ def generation_assertion(context: OutputContext, *, include_prompt: bool = False
     (hex SHA-256 of the UTF-8 text, None when absent), ``prompt`` and ``negative_prompt`` only when the deployment
     asks for them, ``watermark`` (the watermark postprocessor's record, or None when no watermark ran),
     ``safety_verdicts`` (the filters' verdicts: filter, version, allowed, target, scores, threshold, reason,
-    action), ``created`` (UTC time of signing, ISO 8601).
+    action), ``created`` (UTC time of signing, ISO 8601); ``step_cache`` (its settings and the DiT evaluations
+    computed and reused) only when a step cache ran.
     """
     request = context.request
     model = jsonable(dict(context.model or {}))
@@ -109,6 +110,8 @@ def generation_assertion(context: OutputContext, *, include_prompt: bool = False
         "safety_verdicts": jsonable(list(context.verdicts or [])),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
+    if getattr(context, "step_cache", None) is not None:
+        data["step_cache"] = jsonable(context.step_cache)
     if include_prompt:
         data["prompt"] = getattr(request, "prompt", None)
         data["negative_prompt"] = getattr(request, "negative_prompt", None)

@@ -184,6 +184,7 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
     default_steps = 28
     default_guidance = 3.5
     batched = True
+    takes_step_cache = True
 
     def __init__(self, transformer: Flux1Transformer, vae: Flux1Autoencoder, *, folder: Path, source: Path,
                  device: torch.device, dtype: torch.dtype, memory: MemoryStrategy):
@@ -245,7 +246,12 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
         transformer = memory.place("transformer", transformer, device)
         vae = memory.place("vae", load_autoencoder(folder / "vae", dtype, memory.load_device("vae", device)), device)
         check_pair(transformer.config, vae.config, folder)
-        return cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
+        model = cls(transformer, vae, folder=folder, source=source, device=device, dtype=dtype, memory=memory)
+        if config.model.compile:
+            from fluxframe.plugins.common.compile import compile_blocks
+
+            model.compiled = compile_blocks(model.transformer, device)
+        return model
 
     def lora_rules(self):
         return keymap.rules(self.transformer.config)
@@ -325,7 +331,7 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
             parts.append(part.to(latents.device, latents.dtype).expand(b, n, width))
         return torch.cat(parts, dim=-1)
 
-    def predict(self, latents, latent_ids, sigma, text, conditioning: Conditioning, guidance):
+    def predict(self, latents, latent_ids, sigma, text, conditioning: Conditioning, guidance, cache=None):
         tokens = self.model_input(latents.to(self.dtype), conditioning)
         batch = tokens.shape[0]
         t = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
@@ -337,7 +343,8 @@ class Flex2(LoraSupport, ModelFamily, ChannelConditioned):
         with self.memory.using("transformer", self.transformer, self.device):
             return self.transformer(tokens, latent_ids.to(self.device), text.embeds, text.ids.to(self.device),
                                     pooled.expand(batch, -1), t,
-                                    g if self.transformer.guidance_in is not None else None)
+                                    g if self.transformer.guidance_in is not None else None,
+                                    **({} if cache is None else {"cache": cache}))
 
     def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, 16, H/8, W/8), unpacked (conditioners mask

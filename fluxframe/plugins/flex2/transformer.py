@@ -179,9 +179,11 @@ class Flux1Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype  # img_in's weight, also when a LoRA side path wraps img_in
 
-    def forward(self, img, img_ids, txt, txt_ids, pooled, timesteps, guidance=None):
+    def forward(self, img, img_ids, txt, txt_ids, pooled, timesteps, guidance=None, cache=None, stream="positive"):
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), pooled (B, pooled_projection_dim),
-        ids (N, 3) / (L, 3), timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales."""
+        ids (N, 3) / (L, 3), timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales.
+        ``cache`` (a StepCacheRun): the first double block runs, then the cache decides, per image, whether the
+        other blocks run or their residual from the last full step of ``stream`` is reused."""
         dtype = self.dtype
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.guidance_in is not None:
@@ -191,9 +193,25 @@ class Flux1Transformer(nn.Module):
         vec = vec + self.vector_in(pooled.to(dtype))
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
         rope = rope_table(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope, self.config.rope_theta)
-        for block in self.double_blocks:
+        if cache is None:
+            return self.final_layer(self._blocks(img, txt, vec, rope), vec)
+        if not self.double_blocks:  # nothing to probe with: every step runs in full
+            return self.final_layer(cache.run(stream, None, img, lambda rows: self._blocks(img, txt, vec, rope)), vec)
+        probed, txt = self.double_blocks[0](img, txt, vec, rope)
+
+        def rest(rows):
+            def take(t):
+                return t if rows is None or t.shape[0] == 1 else t[rows]
+
+            return self._blocks(take(probed), take(txt), take(vec), rope, first=1)
+
+        return self.final_layer(cache.run(stream, probed - img, probed, rest), vec)
+
+    def _blocks(self, img, txt, vec, rope, first: int = 0):
+        """The double blocks from ``first`` on, then the single blocks: the image tokens' hidden states."""
+        for block in self.double_blocks[first:]:
             img, txt = block(img, txt, vec, rope)
         x = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
             x = block(x, vec, rope)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+        return x[:, txt.shape[1]:]

@@ -178,6 +178,7 @@ class Flux2(LoraSupport, ModelFamily):
     default_steps = 50
     default_guidance = 4.0
     batched = True
+    takes_step_cache = True
 
     def __init__(self, folder: Path, transformer: Flux2Transformer, vae: Flux2Autoencoder, *, device: torch.device,
                  dtype: torch.dtype, memory: MemoryStrategy):
@@ -239,7 +240,17 @@ class Flux2(LoraSupport, ModelFamily):
     @classmethod
     def load(cls, config, memory):
         if config.model.path is not None and single_file.is_single_file(config):
-            return single_file.load(cls, config, memory)
+            model = single_file.load(cls, config, memory)
+        else:
+            model = cls._load_folder(config, memory)
+        if config.model.compile:
+            from fluxframe.plugins.common.compile import compile_blocks
+
+            model.compiled = compile_blocks(model.transformer, model.device)
+        return model
+
+    @classmethod
+    def _load_folder(cls, config, memory):
         folder = cls.folder_for(config)
         check_folder(folder)
         device = resolve_device(config.model.device)
@@ -341,7 +352,7 @@ class Flux2(LoraSupport, ModelFamily):
     def sigmas(self, steps: int, image_tokens: int) -> torch.Tensor:
         return flux2_sigmas(steps, image_tokens)
 
-    def predict(self, latents, latent_ids, sigma, text, conditioning: Conditioning, guidance):
+    def predict(self, latents, latent_ids, sigma, text, conditioning: Conditioning, guidance, cache=None):
         tokens, ids = latents.to(self.dtype), latent_ids
         if conditioning.extra_tokens:
             tokens = torch.cat([tokens, *(t.to(tokens) for t, _ in conditioning.extra_tokens)], dim=1)
@@ -349,12 +360,15 @@ class Flux2(LoraSupport, ModelFamily):
         batch = tokens.shape[0]
         t = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
         g = torch.full((batch,), float(guidance), device=self.device, dtype=torch.float32)
+        # With a step cache, each pass keeps its own (the positive and negative passes change differently).
+        passes = ({}, {}) if cache is None else ({"cache": cache, "stream": "positive"},
+                                                 {"cache": cache, "stream": "negative"})
         with self.memory.using("transformer", self.transformer, self.device):
             out = self.transformer(tokens, ids.to(self.device), text.embeds, text.ids.to(self.device), t,
-                                   g if self.embedded_guidance else None)
+                                   g if self.embedded_guidance else None, **passes[0])
             if text.negative is not None:  # true CFG, two passes as Flux2KleinPipeline runs it
                 neg = self.transformer(tokens, ids.to(self.device), text.negative.embeds,
-                                       text.negative.ids.to(self.device), t, None)
+                                       text.negative.ids.to(self.device), t, None, **passes[1])
                 out = neg + guidance * (out - neg)
         return out[:, : latents.shape[1]]
 

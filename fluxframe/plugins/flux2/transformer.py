@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,12 @@ class Flux2Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype  # img_in's weight, also when a LoRA side path wraps img_in
 
+    @property
+    def eager_blocks(self) -> tuple[nn.Module, ...]:
+        """Blocks regional compilation leaves eager: the last single block, called once a step with the text-token
+        skip (see fluxframe.plugins.common.compile)."""
+        return (self.single_blocks[-1],) if len(self.single_blocks) else ()
+
     def forward(
         self,
         img: torch.Tensor,
@@ -233,11 +240,15 @@ class Flux2Transformer(nn.Module):
         timesteps: torch.Tensor,
         guidance: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        cache: Any = None,
+        stream: str = "positive",
     ) -> torch.Tensor:
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), ids (N, 4) / (L, 4),
         timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out).
         ``attn_bias`` (L + N,), if given, is added to every attention's logits per key (text keys first, then
-        image keys, as the blocks order them); training uses it to let sampled padding keys stand for all."""
+        image keys, as the blocks order them); training uses it to let sampled padding keys stand for all.
+        ``cache`` (a StepCacheRun): the first double block runs, then the cache decides, per image, whether the
+        other blocks run or their residual from the last full step of ``stream`` is reused."""
         dtype = self.dtype
         cfg = self.config
         mask = None if attn_bias is None else attn_bias.to(dtype).view(1, 1, 1, -1)
@@ -253,12 +264,32 @@ class Flux2Transformer(nn.Module):
 
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
-        for block in self.double_blocks:
-            img, txt = block(img, txt, img_mod, txt_mod, rope, mask)
-
-        x = torch.cat([txt, img], dim=1)
         (single_mod,) = self.single_stream_modulation(vec)
+        if cache is None:
+            hidden = self._blocks(img, txt, img_mod, txt_mod, single_mod, rope, mask)
+        elif not self.double_blocks:  # nothing to probe with: every step runs in full
+            hidden = cache.run(stream, None, img, lambda rows: self._blocks(img, txt, img_mod, txt_mod, single_mod,
+                                                                           rope, mask))
+        else:
+            probed, txt = self.double_blocks[0](img, txt, img_mod, txt_mod, rope, mask)
+
+            def rest(rows):
+                def take(t):
+                    return t if rows is None or t.shape[0] == 1 else t[rows]
+
+                mods = [[tuple(take(t) for t in group) for group in kind] for kind in (img_mod, txt_mod)]
+                return self._blocks(take(probed), take(txt), *mods, tuple(take(t) for t in single_mod), rope, mask,
+                                    first=1)
+
+            hidden = cache.run(stream, probed - img, probed, rest)
+        return self.final_layer(hidden, vec, cfg.eps)
+
+    def _blocks(self, img, txt, img_mod, txt_mod, single_mod, rope, mask, first: int = 0) -> torch.Tensor:
+        """The double blocks from ``first`` on, then every single block: the image tokens' hidden states."""
+        for block in self.double_blocks[first:]:
+            img, txt = block(img, txt, img_mod, txt_mod, rope, mask)
+        x = torch.cat([txt, img], dim=1)
         for i, block in enumerate(self.single_blocks):
             last = i == len(self.single_blocks) - 1
             x = block(x, single_mod, rope, skip=txt.shape[1] if last else 0, attn_mask=mask)
-        return self.final_layer(x if self.single_blocks else x[:, txt.shape[1] :], vec, cfg.eps)
+        return x if self.single_blocks else x[:, txt.shape[1] :]

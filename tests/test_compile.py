@@ -1,0 +1,92 @@
+"""``[model] compile = true`` (fluxframe.plugins.common.compile): regional compilation of the DiT's blocks.
+
+SLOW: the first test compiles two block classes with inductor on the CPU (about 20-60 s here, more on a busy
+machine); the model is the tiny preset at 64², two steps. It checks the compiled run equals the uncompiled one
+within float32 tolerance, that each block class compiles once (a counting backend wrapping inductor) and that
+neither a second seed nor another run recompiles anything. The fallback test needs no compiler.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fluxframe import api
+from fluxframe.plugins.common import compile as regional
+
+TINY = {"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
+        "sampler": {"steps": 2, "width": 64, "height": 64}}
+
+
+def tiny(**model):
+    return api.parse_config({**TINY, "model": {**TINY["model"], **model}})
+
+
+@pytest.fixture
+def counting_inductor(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    monkeypatch.setattr(regional, "BACKEND", counter)
+    yield counter
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow_compile
+def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_inductor):
+    from torch._dynamo.utils import counters
+
+    plain = api.load(tiny())
+    compiled = api.load(tiny(compile=True))
+    record = compiled.stages.model.compiled
+    assert record["enabled"] is True
+    # 2 double blocks, 2 single blocks of which the last (the text-token skip) stays eager
+    assert record["blocks"] == {"DoubleBlock": 2, "SingleBlock": 1}
+    probe_frames = counting_inductor.frame_count  # the compiler check at load compiles one test function
+    counters.clear()
+
+    for seed in (1, 2):
+        request = api.GenerationRequest(prompt="a cat", seed=seed)
+        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
+        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
+            (got.latents - want.latents).abs().max()
+        assert got.compile == record and "compile" in compiled.stages.model.describe()
+        # one graph per block class, compiled on the first step of the first seed, reused ever after
+        assert counting_inductor.frame_count - probe_frames == 2
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_without_a_working_compiler_the_blocks_run_uncompiled_and_the_result_says_so(monkeypatch, caplog):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(regional, "BACKEND", broken)
+    with caplog.at_level(logging.WARNING, logger="fluxframe"):
+        pipeline = api.load(tiny(compile=True))
+    torch._dynamo.reset()
+    record = pipeline.stages.model.compiled
+    assert record["enabled"] is False and "no C++ compiler found" in record["reason"]
+    assert any("runs uncompiled" in r.getMessage() for r in caplog.records)
+    request = api.GenerationRequest(prompt="a cat", seed=1)
+    result = pipeline.generate(request, write=False)
+    assert result.compile == record
+    assert any(note.startswith("compile: NOT applied: ") for note in result.notes)
+    assert torch.equal(result.latents, api.load(tiny()).generate(request, write=False).latents)
+
+
+def test_compile_is_off_by_default_and_then_not_recorded():
+    pipeline = api.load(tiny())
+    assert pipeline.stages.model.compiled is None and "compile" not in pipeline.stages.model.describe()
+    assert pipeline.generate(api.GenerationRequest(prompt="a cat", seed=1), write=False).compile is None
+
+
+def test_compile_must_be_a_boolean():
+    from fluxframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.compile"):
+        tiny(compile="yes")
