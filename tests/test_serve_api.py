@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -376,7 +377,8 @@ def test_generate_many_stops_a_cancelled_request_at_the_next_step(deployment):
     assert isinstance(out[0], Cancelled) and out[1].image is not None
     assert seen[0] == ("c1", "c2")
     alone = pipeline.generate(GenerationRequest(prompt="b", seed=2, steps=4), write=False)
-    assert alone.image.tobytes() == out[1].image.tobytes()  # the other request is untouched
+    gap = np.abs(np.asarray(alone.image, dtype=int) - np.asarray(out[1].image, dtype=int)).max()
+    assert gap <= 1  # the other request is untouched: its image is the one it gets alone (within 1/255, batched)
     # all of a batch cancelled: the batch stops
     steps = []
     out = pipeline.generate_many(requests, write=False, progress=lambda info: steps.append(info.step),
