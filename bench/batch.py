@@ -7,12 +7,15 @@ required filters, watermark, C2PA signature, audit log) in every run.
 
 Throughput is images per second of wall time, start-up included (a process's imports and model load are what
 batch runs save); the ratios are measured in one run, so a noisy machine moves all four together. The per-image
-split averages each released item's stage timings (results.jsonl) per configuration.
+split averages each released item's stage timings (results.jsonl) per configuration. "Steady" throughput counts
+from the 8th item's results line to the last (after start-up, model loading and the text encoder's first-use
+load, for every batch size alike); give --requests 32 or more for it to mean much. --no-processes skips (a).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -79,10 +82,23 @@ def run(argv: list[str]) -> None:
         sys.exit(f"{' '.join(argv[:3])} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
 
 
-def measure(model: str, n: int, steps: int, work: Path) -> dict:
+WARM = 8  # items every batch size has finished once warm (8 is a whole number of batches of 1, 4 and 8)
+
+
+def steady(lines: list[dict]) -> float | None:
+    """Images a second once warm: from the results line of item WARM to the last one (start-up, model loading and
+    the text encoder's first-use load are before it), for every batch size alike."""
+    times = sorted(datetime.datetime.fromisoformat(x["time"]).timestamp() for x in lines if x.get("status") == "ok")
+    if len(times) <= WARM or times[-1] <= times[WARM - 1]:
+        return None
+    return (len(times) - WARM) / (times[-1] - times[WARM - 1])
+
+
+def measure(model: str, n: int, steps: int, work: Path, processes: bool = True) -> dict:
     rows = {}
     items = prompts(n)
-    for label, batch_size in (("generate x16", None), ("batch 1", 1), ("batch 4", 4), ("batch 8", 8)):
+    runs = [("generate x16", None)] if processes else []
+    for label, batch_size in runs + [("batch 1", 1), ("batch 4", 4), ("batch 8", 8)]:
         folder = work / model / label.replace(" ", "")
         folder.mkdir(parents=True)
         config = deployment(folder, model, steps)
@@ -103,12 +119,15 @@ def measure(model: str, n: int, steps: int, work: Path) -> dict:
                 sys.exit(f"{model} {label}: {len(released)} of {n} items released")
             split = {s: statistics.mean(x["timings"].get(s, 0.0) for x in released) for s in STAGES}
         wall = time.perf_counter() - started
-        rows[label] = {"seconds": wall, "images_per_s": n / wall, "split_s": split}
-    base = rows["generate x16"]["images_per_s"]
-    one = rows["batch 1"]["images_per_s"]
+        rows[label] = {"seconds": wall, "images_per_s": n / wall, "split_s": split,
+                       "steady_images_per_s": steady(released) if batch_size else None}
+    base = rows["generate x16"]["images_per_s"] if processes else None
+    one, one_steady = rows["batch 1"]["images_per_s"], rows["batch 1"]["steady_images_per_s"]
     for row in rows.values():
-        row["vs_generate"] = row["images_per_s"] / base
+        row["vs_generate"] = row["images_per_s"] / base if base else None
         row["vs_batch1"] = row["images_per_s"] / one
+        row["steady_vs_batch1"] = row["steady_images_per_s"] / one_steady \
+            if row["steady_images_per_s"] and one_steady else None
     return rows
 
 
@@ -117,23 +136,27 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "demo"], choices=sorted(MODELS))
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-processes", action="store_true", help="skip the generate-per-request runs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {m: measure(m, args.requests, args.steps, Path(tmp)) for m in args.models}
+        results = {m: measure(m, args.requests, args.steps, Path(tmp), not args.no_processes) for m in args.models}
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for model, rows in results.items():
         print(f"\n{model}: {args.requests} requests, 256², {args.steps} steps, full safety + provenance "
               f"(load average {os.getloadavg()[0]:.1f})")
-        print(f"  {'run':<14}{'wall s':>8}{'img/s':>8}{'vs generate':>13}{'vs batch 1':>12}   per image: "
-              + " ".join(s.split('_')[0][:6] for s in STAGES))
+        print(f"  {'run':<14}{'wall s':>8}{'img/s':>8}{'vs generate':>13}{'vs batch 1':>12}{'steady img/s':>14}"
+              f"{'steady vs 1':>13}   per image: " + " ".join(s.split('_')[0][:6] for s in STAGES))
         for label, row in rows.items():
             split = " ".join(f"{row['split_s'][s]:6.2f}" for s in STAGES) if row["split_s"] else "(per process)"
-            print(f"  {label:<14}{row['seconds']:8.1f}{row['images_per_s']:8.2f}{row['vs_generate']:12.2f}x"
-                  f"{row['vs_batch1']:11.2f}x   {split}")
+            vs_gen = f"{row['vs_generate']:12.2f}x" if row["vs_generate"] else f"{'—':>13}"
+            warm = (f"{row['steady_images_per_s']:14.2f}{row['steady_vs_batch1']:12.2f}x"
+                    if row["steady_vs_batch1"] else f"{'—':>14}{'—':>13}")
+            print(f"  {label:<14}{row['seconds']:8.1f}{row['images_per_s']:8.2f}{vs_gen}{row['vs_batch1']:11.2f}x"
+                  f"{warm}   {split}")
 
 
 if __name__ == "__main__":
