@@ -459,3 +459,29 @@ def test_verify_and_plugins(deployment, tmp_path):
     assert "flux2" in names and "safety" in names
     schema = client.get("/openapi.json").json()
     assert {"/v1/images", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/verify"} <= set(schema["paths"])
+
+
+def test_a_clients_string_is_never_read_as_a_server_path(deployment, tmp_path, monkeypatch):
+    """A conditioner input its plugin forgot to declare as a file passes through as the client's string: the
+    service's runs refuse every path, so it cannot make the server read one of its own files."""
+    from fluxframe.conditioning.reference import ReferenceConditioner
+    from fluxframe.core.inputs import no_paths, read_input
+    from fluxframe.errors import RequestError
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(_png(colour=(1, 2, 3)))
+    with pytest.raises(RequestError, match="not accepted here"), no_paths("testing"):
+        read_input(secret, "x")
+    assert read_input(secret, "x").data == secret.read_bytes()  # outside the block, paths are read as before
+
+    monkeypatch.setattr(ReferenceConditioner, "file_inputs", ())  # as if undeclared
+    service = _service(deployment, tmp_path)
+    client, auth = _client(service)
+    try:
+        job = client.post("/v1/images?wait=60", headers=auth,
+                          json={"prompt": "x", "conditioning": {"reference": {"images": [str(secret)]}}}).json()
+        assert job["status"] == "error" and "file path is not accepted here" in job["reasons"][0], job
+        (line,) = _audit(deployment, job["id"])
+        assert line["action"] == "error" and line["input_files"] == [] and line["inputs"] == []
+    finally:
+        service.stop()

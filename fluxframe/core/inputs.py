@@ -8,9 +8,12 @@ was used. ``InputFile.sha256`` is the SHA-256 of the file's bytes as read.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +50,26 @@ class InputFile:
             raise RequestError(f"{self.name}: not a readable image ({exc})", field=where) from None
 
 
+_NO_PATHS: contextvars.ContextVar[str | None] = contextvars.ContextVar("fluxframe_no_paths", default=None)
+
+
+@contextmanager
+def no_paths(why: str) -> Iterator[None]:
+    """Within this block (this thread or task), ``read_input`` refuses every path: what a service runs for remote
+    clients takes their uploads only, so no input a client names, declared by its conditioner or not, can make the
+    server read one of its own files. ``why`` says so in the RequestError."""
+    token = _NO_PATHS.set(why)
+    try:
+        yield
+    finally:
+        _NO_PATHS.reset(token)
+
+
 def read_input(path: str | Path, where: str, *, max_bytes: int = MAX_INPUT_BYTES) -> InputFile:
     """Read the file at ``path`` once, whole; a RequestError naming ``where`` if it is absent, not a regular
-    file, unreadable or over ``max_bytes``."""
+    file, unreadable or over ``max_bytes`` (or if paths are refused here: ``no_paths``)."""
+    if (why := _NO_PATHS.get()) is not None:
+        raise RequestError(f"a file path is not accepted here ({why}); send the file itself", field=where)
     path = Path(path)
     try:
         # O_NONBLOCK: a FIFO given as an input must not hang the run before fstat can refuse it

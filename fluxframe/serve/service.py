@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxframe.core.batch import audited
-from fluxframe.core.inputs import InputFile
+from fluxframe.core.inputs import InputFile, no_paths
 from fluxframe.core.types import GenerationRequest, StepInfo
 from fluxframe.errors import Blocked, Cancelled, FluxframeError, RequestError
 from fluxframe.serve.metrics import Metrics
@@ -283,7 +283,8 @@ class Service:
             self.metrics.queue_wait.observe(max(0.0, (job.started or time.time()) - job.created))
         started = time.perf_counter()
         try:
-            outcomes = self.pipeline.generate_many(requests, progress=self._progress, cancelled=self._cancelled)
+            with no_paths("the service takes uploaded images"):  # a client's string is never a server path
+                outcomes = self.pipeline.generate_many(requests, progress=self._progress, cancelled=self._cancelled)
         except Exception as exc:  # a bug: the pipeline audited each request as an error
             log.exception("a batch failed")
             outcomes = [exc] * len(runnable)
