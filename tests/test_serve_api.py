@@ -268,6 +268,9 @@ def test_bad_requests_are_refused_naming_the_field(deployment, tmp_path):
     assert "not valid JSON" in refused(None, 422, "body", content=b"{nope",
                                        headers={"content-type": "application/json"})
     assert refused(None, 415, "content-type", content=b"x", headers={"content-type": "text/plain"})
+    assert "nested" in refused(None, 422, "body", content=b"[" * 30000 + b"]" * 30000,
+                               headers={"content-type": "application/json"})
+    assert refused({"prompt": "x"}, 422, "wait", params={"wait": "nan"})
     assert refused({"prompt": "x"}, 422, "wait", params={"wait": 100000})
     assert service.store.counts()["queued"] == 0  # nothing half-accepted
 

@@ -341,6 +341,8 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise ApiError(422, f"not valid JSON ({exc})", field="body") from None
+    except RecursionError:
+        raise ApiError(422, "JSON nested too deeply", field="body") from None
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
