@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from lora_helpers import write_peft_lora
 from safetensors.torch import save_file
 
 from fluxframe import api
 from fluxframe.cli import main
 from fluxframe.errors import CheckpointError, ConfigError
-from fluxframe.plugins.flux2 import keymap
 
 TINY = {"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
         "sampler": {"steps": 2, "width": 64, "height": 32, "seed": 4}}
@@ -32,17 +32,8 @@ def base():
 @pytest.fixture(scope="module")
 def lora_file(base, tmp_path_factory):
     """A PEFT-format LoRA (diffusers names) for the tiny preset's DiT."""
-    model = base[0].stages.model.transformer
-    shapes = {k: v.shape for k, v in keymap.to_diffusers(model.state_dict(), model.config).items()}
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name in LAYERS:
-        out_features, in_features = shapes[f"{name}.weight"]
-        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * 0.5
-        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.5
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    save_file(tensors, str(path))
-    return path
+    return write_peft_lora(base[0].stages.model.transformer, LAYERS,
+                           tmp_path_factory.mktemp("lora") / "style.safetensors")
 
 
 def _image(data, **request):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from fluxframe import api
 from fluxframe.core.hookspecs import hookimpl
@@ -212,20 +211,12 @@ def test_flex2_without_a_switch_reuses_from_the_second_step(flex2_folder, calls)
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
-    from fluxframe.plugins.flux2 import keymap
+    from lora_helpers import write_peft_lora
 
-    model = api.load(tiny()).stages.model.transformer
-    shapes = {k: v.shape for k, v in keymap.to_diffusers(model.state_dict(), model.config).items()}
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
-                 "single_transformer_blocks.0.attn.to_qkv_mlp_proj"):
-        out_features, in_features = shapes[f"{name}.weight"]
-        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * 0.5
-        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.5
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    save_file(tensors, str(path))
-    return path
+    return write_peft_lora(api.load(tiny()).stages.model.transformer,
+                           ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
+                            "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
+                           tmp_path_factory.mktemp("lora") / "style.safetensors")
 
 
 @pytest.mark.parametrize("strategy", ["quantize+group-offload", "group-offload", "quantize"])

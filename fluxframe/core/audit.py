@@ -444,19 +444,21 @@ class AuditLog:
             head["mac"] = _mac(self.key, head)
         fd, tmp = self._head_tmp()
         try:
-            with os.fdopen(fd, "wb") as t:
-                fd = -1
-                t.write(_encode(head) + b"\n")
-                t.flush()
-                os.fsync(t.fileno())
-            os.replace(tmp, self.head_path)
+            self._install_head(fd, tmp, head)
             fsync_folder(self.head_path.parent)
         except OSError as exc:
             raise AuditError(f"cannot write the new log's head file: {_why(exc)}", path=str(self.head_path)) from None
         finally:
-            if fd != -1:
-                os.close(fd)
             tmp.unlink(missing_ok=True)
+
+    def _install_head(self, fd: int, tmp: Path, head: dict[str, Any]) -> None:
+        """Write ``head`` to the temporary file ``tmp`` (open as ``fd``; this closes it), fsync it and rename it
+        over the head file."""
+        with os.fdopen(fd, "wb") as t:
+            t.write(_encode(head) + b"\n")
+            t.flush()
+            os.fsync(t.fileno())
+        os.replace(tmp, self.head_path)
 
     def _write(self, f, record: dict[str, Any], last_record: dict[str, Any] | None, last: bytes | None, *,
                truncate_to: int | None = None) -> dict[str, Any]:
@@ -495,12 +497,8 @@ class AuditLog:
                     pass
                 raise AuditError(f"cannot append to the audit log: {_why(exc)}", path=str(self.path)) from None
             try:
-                with os.fdopen(tmp_fd, "wb") as t:
-                    tmp_fd = -1
-                    t.write(_encode(head) + b"\n")
-                    t.flush()
-                    os.fsync(t.fileno())
-                os.replace(tmp, self.head_path)
+                owned, tmp_fd = tmp_fd, -1
+                self._install_head(owned, tmp, head)
             except OSError as exc:
                 raise AuditError(f"the line (seq {written['seq']}) was written but the head file could not be "
                                  f"replaced: {_why(exc)}", path=str(self.head_path)) from None
