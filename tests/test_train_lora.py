@@ -223,3 +223,41 @@ def test_cli_registers_train_lora_and_reports_errors_on_one_line(lora_host, tmp_
                str(tmp_path / "style.safetensors")], host=lora_host)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.count("\n") == 0 and str(tmp_path / "empty") in err
+
+
+def test_kill_9_then_the_same_command_continues(diffusers_flux2_folder, tmp_path):
+    """The real thing: the CLI in a subprocess, killed with SIGKILL once its first checkpoint is on disk; the same
+    command then resumes from that checkpoint and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_data(tmp_path / "data", colours=("red", "blue"))
+    cfg = tmp_path / "deploy.toml"
+    cfg.write_text(f'[model]\nfamily = "flux2"\npath = "{diffusers_flux2_folder}"\ndtype = "float32"\n'
+                   f'device = "cpu"\n\n[output]\ndir = "{tmp_path / "outputs"}"\n')
+    out = tmp_path / "run" / "style.safetensors"
+    state = out.with_name(".style.safetensors.train.pt")
+    command = [sys.executable, "-m", "fluxframe.cli", "train-lora", "--config", str(cfg), "--data", str(data),
+               "--out", str(out), "--rank", "2", "--steps", "40", "--resolution", "32", "--checkpoint-every", "2"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert state.exists() and not out.exists(), "killed before its first checkpoint, or finished before the kill"
+    step = torch.load(state, weights_only=False)["state"]["step"]
+    assert 2 <= step < 40
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed_at = int(done.stderr.split("resuming style.safetensors at step ")[1].split()[0])
+    assert resumed_at >= step and resumed_at % 2 == 0
+    record = json.loads((out.parent / "style.training.json").read_text())
+    assert len(record["losses"]) == 40 and record["command"].startswith("fluxframe train-lora --config")
+    assert written(out.parent) == ["style.safetensors", "style.training.json"]
