@@ -235,6 +235,7 @@ def attach(model, layers: dict[str, list], rank: int, alpha: float) -> list[Trai
                 raise TrainingError(f"--rank {rank} is larger than layer {name} ({linear.in_features} in, "
                                     f"{seg.rows} out): a LoRA's rank must not exceed either")
             lora = TrainedLora(name, linear.in_features, seg.rows, seg.row, linear.out_features, rank, alpha / rank)
+            lora.to(model.device)  # where the DiT computes (an offloading strategy may keep the weights elsewhere)
             by_module.setdefault(seg.module, []).append(lora)
             loras.append(lora)
     for module, group in by_module.items():
