@@ -261,3 +261,30 @@ def test_kill_9_then_the_same_command_continues(diffusers_flux2_folder, tmp_path
     record = json.loads((out.parent / "style.training.json").read_text())
     assert len(record["losses"]) == 40 and record["command"].startswith("fluxframe train-lora --config")
     assert written(out.parent) == ["style.safetensors", "style.training.json"]
+
+
+def test_klein_base_trains_without_guidance_embedding(klein_folders, lora_host, tmp_path):
+    """klein (Qwen3 text encoder, no guidance embedder): trains, and the file loads and changes the image."""
+    data = make_data(tmp_path / "data", colours=("green",))
+    out = tmp_path / "klein.safetensors"
+    cfg = config(klein_folders["base"], tmp_path)
+    train_lora.train(cfg, data, out, host=lora_host, **{**OPTIONS, "steps": 2, "checkpoint_every": 1})
+    styled = api.load(config(klein_folders["base"], tmp_path, lora=[{"path": str(out)}]), host=lora_host)
+    assert styled.stages.model.describe()["loras"][0]["layers"] == 10
+
+
+def test_metadata_jsonl_and_its_errors(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    draw("red").save(data / "a.png")
+    draw("blue").save(data / "b.png")
+    lines = [{"file_name": "b.png", "text": "a blue square"}, {"file_name": "a.png", "text": "a red square"}]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert [(i.name, i.caption) for i in train_lora.read_dataset(data)] == [("a.png", "a red square"),
+                                                                          ("b.png", "a blue square")]
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png", "text": "x"}) + "\n")
+    with pytest.raises(TrainingError, match=r"metadata.jsonl:1: caption without an image .*c\.png"):
+        train_lora.read_dataset(data)
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")
+    with pytest.raises(TrainingError, match=r"metadata.jsonl:1: a.png: image without a caption"):
+        train_lora.read_dataset(data)

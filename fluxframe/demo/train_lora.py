@@ -123,8 +123,8 @@ def open_images(items: list[Item]) -> dict[str, object]:
             if w * h > MAX_IMAGE_PIXELS:
                 raise TrainingError(f"{item.image}: too large ({w}x{h}, more than {MAX_IMAGE_PIXELS} pixels)")
             images[item.name] = (data.image("data").convert("RGB"), data.sha256)
-        except RequestError as exc:
-            raise TrainingError(f"{item.image}: unreadable image ({exc})") from None
+        except RequestError as exc:  # "data: <path>: not a readable image (...)" and the like
+            raise TrainingError(str(exc).removeprefix("data: ")) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise TrainingError(f"{item.image}: unreadable image ({exc})") from None
     return images
