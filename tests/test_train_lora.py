@@ -68,12 +68,12 @@ def make_data(folder, colours=tuple(COLOURS), extra=None):
     return folder
 
 
-def config(folder, tmp_path, **extra):
+def config(folder, tmp_path, audit=False, **extra):
     return api.parse_config({
         "model": {"family": "flux2", "path": str(folder), "dtype": "float32", "device": "cpu"},
         "sampler": {"steps": 2, "guidance": 3.5, "width": 32, "height": 32},
         "output": {"dir": str(tmp_path / "outputs")},
-        "safety": {"filters": {"keyword": {}}},
+        "safety": {"filters": {"keyword": {}}, **({"audit_log": str(tmp_path / "audit.jsonl")} if audit else {})},
         **extra,
     })
 
@@ -267,8 +267,17 @@ def test_klein_base_trains_without_guidance_embedding(klein_folders, lora_host, 
     """klein (Qwen3 text encoder, no guidance embedder): trains, and the file loads and changes the image."""
     data = make_data(tmp_path / "data", colours=("green",))
     out = tmp_path / "klein.safetensors"
-    cfg = config(klein_folders["base"], tmp_path)
+    (data / "bad.png").write_bytes((data / "green.png").read_bytes())
+    (data / "bad.txt").write_text("a forbidden xyzzy")
+    cfg = config(klein_folders["base"], tmp_path, audit=True)
     train_lora.train(cfg, data, out, host=lora_host, **{**OPTIONS, "steps": 2, "checkpoint_every": 1})
+    from fluxframe.core.audit import verify_log
+
+    line = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert line["event"] == "train-lora" and line["trained_on"] == 1 and line["lora_sha256"].startswith("sha256:")
+    assert line["skipped"][0]["file"] == "bad.png" and line["skipped"][0]["decision"]["allowed"] is False
+    assert "xyzzy" not in json.dumps(line)  # verdicts, not caption text
+    assert verify_log(tmp_path / "audit.jsonl").ok
     styled = api.load(config(klein_folders["base"], tmp_path, lora=[{"path": str(out)}]), host=lora_host)
     assert styled.stages.model.describe()["loras"][0]["layers"] == 10
 

@@ -18,7 +18,8 @@ The run, in order:
 5. the LoRA written in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``,
    alpha/rank folded into lora_B, so every reader applies it at scale 1), its safetensors metadata and a training
    record (``<out>.training.json``) naming the data set's hash, the skipped items, the base checkpoint, rank, alpha,
-   steps and seed.
+   steps and seed; where the deployment keeps an audit log, a ``train-lora`` line there too, with the filters'
+   verdicts on every skipped item.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def filter_items(policy, items: list[Item], images: dict, strict: bool) -> tuple
         if strict:
             raise TrainingError(f"{item.image}: blocked by the safety filters ({'; '.join(reasons)}); --strict "
                                 "stops here")
-        skipped.append({"file": item.name, "stage": decision.stage, "reasons": reasons})
+        skipped.append({"file": item.name, "stage": decision.stage, "reasons": reasons,
+                        "decision": decision.to_record()})
     if not kept:
         raise TrainingError(f"every item of the data set was blocked by the safety filters (first: "
                             f"{items[0].image}: {'; '.join(skipped[0]['reasons'])})")
@@ -338,7 +340,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     model = pipeline.stages.model
     if model.name != "flux2":
         raise TrainingError(f"{config.source}: train-lora trains FLUX.2 models for now, not {model.name!r}")
-    kept, skipped = filter_items(pipeline.stages.policy, items, images, strict)
+    kept, filtered = filter_items(pipeline.stages.policy, items, images, strict)
+    skipped = [{k: v for k, v in entry.items() if k != "decision"} for entry in filtered]
     for entry in skipped:
         print(f"fluxframe: skipped {entry['file']}: {'; '.join(entry['reasons'])}", file=sys.stderr)
 
@@ -445,6 +448,12 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     record["lora_sha256"] = "sha256:" + sha256_file(out)
     record["losses"] = state["losses"]
     atomic_write(paths["record"], lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+    if pipeline.stages.audit is not None:  # the deployment's own record: what it trained, on what, what it refused
+        pipeline.stages.audit.append({
+            "event": "train-lora", "lora": str(out), "lora_sha256": record["lora_sha256"],
+            "base_checkpoint": settings["base"], "dataset_sha256": data_hash, "items": len(items),
+            "trained_on": len(kept), "rank": rank, "alpha": alpha, "steps": steps, "seed": seed,
+            "skipped": [{"file": e["file"], "decision": e["decision"]} for e in filtered]})
     for leftover in (paths["state"], paths["cache"]):
         leftover.unlink(missing_ok=True)
     return out
