@@ -53,6 +53,10 @@ class RequestError(FluxframeError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+class TrainingError(FluxframeError):
+    """A training run cannot start or go on: its data set, options or saved state; the message names the file."""
+
+
 class OutputError(FluxframeError):
     """An output could not be written."""
 

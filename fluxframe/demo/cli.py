@@ -22,6 +22,25 @@ def register_commands(register) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+    from .lora_options import add_arguments as lora_arguments
+
+    register(
+        "train-lora", lora_arguments, cmd_train_lora,
+        help="train a LoRA for the deployment's FLUX.2 model on a folder of captioned images",
+        description="Train a LoRA on images with captions (same-name .txt files or a metadata.jsonl) by flow "
+                    "matching on the deployment's own FLUX.2 base, after every image and caption passed the "
+                    "deployment's input filters. Writes a diffusers/PEFT-layout safetensors file (diffusers' "
+                    "load_lora_weights and fluxframe --lora both read it) and a training record beside it. "
+                    "Resumable: run the same command again after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def cmd_train_lora(args) -> int:
+    from .train_lora import run
+
+    return run(args)
+
+
 def cmd_train_demo(args) -> int:
     from .train import run
 

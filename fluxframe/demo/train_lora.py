@@ -1,0 +1,472 @@
+"""``fluxframe train-lora``: a LoRA for a deployment's FLUX.2 model, trained on a folder of captioned images.
+
+The run, in order:
+
+1. read the data set (images with same-name ``.txt`` captions, or a ``metadata.jsonl``), every file checked
+   before anything is trained: a missing caption, a caption without its image, an unreadable or huge image is a
+   TrainingError naming the file;
+2. load the deployment (``Pipeline.from_config``: its safety policy and its model, nothing else is used) and pass
+   every caption through the prompt filters and every image through the input-image filters; blocked items are
+   skipped and listed (``--strict``: the first one stops the run);
+3. encode every image (the autoencoder) and caption (the text encoder) once, into a cache beside the output,
+   then free both;
+4. flow matching as the demo model was trained (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
+   target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count), the
+   base frozen, the LoRA in float32, AdamW; every ``--checkpoint-every`` steps the LoRA, the optimiser and the
+   random generator's state are written atomically, so the same command continues after a kill -9 exactly as an
+   uninterrupted run would have gone on;
+5. the LoRA written in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``,
+   alpha/rank folded into lora_B, so every reader applies it at scale 1), its safetensors metadata and a training
+   record (``<out>.training.json``) naming the data set's hash, the skipped items, the base checkpoint, rank, alpha,
+   steps and seed; where the deployment keeps an audit log, a ``train-lora`` line there too, with the filters'
+   verdicts on every skipped item.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxframe.errors import RequestError, TrainingError
+
+from .lora_options import DEFAULT_TARGETS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a training image larger than this is refused, not silently downscaled
+STATE_VERSION = 1
+
+
+@dataclass
+class Item:
+    name: str  # the image file's name within the data folder
+    image: Path
+    caption: str
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+def read_dataset(folder: Path) -> list[Item]:
+    """The data set's items, sorted by name; TrainingError naming the file for anything that is not a pair."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"{folder}: not a folder")
+    metadata = folder / "metadata.jsonl"
+    if metadata.exists():
+        return _read_metadata(folder, metadata)
+    images = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    captions = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt"}
+    if not images and not captions:
+        raise TrainingError(f"{folder}: no training images (expected .png/.jpg/.webp files with same-name .txt "
+                            "captions, or a metadata.jsonl)")
+    for stem, path in sorted(images.items()):
+        if stem not in captions:
+            raise TrainingError(f"{path}: image without a caption (expected {path.with_suffix('.txt').name})")
+    for stem, path in sorted(captions.items()):
+        if stem not in images:
+            raise TrainingError(f"{path}: caption without an image")
+    return [Item(images[s].name, images[s], _caption(captions[s])) for s in sorted(images)]
+
+
+def _caption(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"{path}: unreadable caption ({exc})") from None
+    if not text:
+        raise TrainingError(f"{path}: empty caption")
+    return text
+
+
+def _read_metadata(folder: Path, metadata: Path) -> list[Item]:
+    items = []
+    for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            name, caption = entry["file_name"], entry.get("text", entry.get("caption"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TrainingError(f"{metadata}:{n}: expected a JSON object with file_name and text") from None
+        if not isinstance(caption, str) or not caption.strip():
+            raise TrainingError(f"{metadata}:{n}: {name}: image without a caption (no text)")
+        path = folder / name
+        if not path.is_file():
+            raise TrainingError(f"{metadata}:{n}: caption without an image ({path} does not exist)")
+        items.append(Item(name, path, caption.strip()))
+    if not items:
+        raise TrainingError(f"{metadata}: no training items")
+    return sorted(items, key=lambda i: i.name)
+
+
+def open_images(items: list[Item]) -> dict[str, object]:
+    """Every image decoded (RGB), with its bytes' SHA-256; TrainingError naming an unreadable or huge one."""
+    import io
+
+    from PIL import Image
+
+    from fluxframe.core.inputs import read_input
+
+    images = {}
+    for item in items:
+        try:
+            data = read_input(item.image, "data")
+            with Image.open(io.BytesIO(data.data)) as probe:  # the size from the header, before decoding
+                w, h = probe.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise TrainingError(f"{item.image}: too large ({w}x{h}, more than {MAX_IMAGE_PIXELS} pixels)")
+            images[item.name] = (data.image("data").convert("RGB"), data.sha256)
+        except RequestError as exc:  # "data: <path>: not a readable image (...)" and the like
+            raise TrainingError(str(exc).removeprefix("data: ")) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise TrainingError(f"{item.image}: unreadable image ({exc})") from None
+    return images
+
+
+def dataset_hash(items: list[Item], images: dict) -> str:
+    """SHA-256 over every (name, image bytes' hash, caption): what the record names the data set by."""
+    from fluxframe.core.hashing import sha256_json
+
+    return "sha256:" + sha256_json([[i.name, images[i.name][1], i.caption] for i in items])
+
+
+def filter_items(policy, items: list[Item], images: dict, strict: bool) -> tuple[list[Item], list[dict]]:
+    """(kept items, skipped items with the filters' reasons): each caption through the prompt filters, each image
+    through the input-image filters, as a generation request's inputs go."""
+    kept, skipped = [], []
+    for item in items:
+        decision = policy.check_prompts({"prompt": item.caption})
+        if decision.allowed:
+            decision = policy.check_input_images([(item.name, images[item.name][0])])
+        if decision.allowed:
+            kept.append(item)
+            continue
+        reasons = list(decision.reasons) or [decision.action]
+        if strict:
+            raise TrainingError(f"{item.image}: blocked by the safety filters ({'; '.join(reasons)}); --strict "
+                                "stops here")
+        skipped.append({"file": item.name, "stage": decision.stage, "reasons": reasons,
+                        "decision": decision.to_record()})
+    if not kept:
+        raise TrainingError(f"every item of the data set was blocked by the safety filters (first: "
+                            f"{items[0].image}: {'; '.join(skipped[0]['reasons'])})")
+    return kept, skipped
+
+
+def to_pixels(image, resolution: int) -> torch.Tensor:
+    """(3, r, r) in [-1, 1]: the shorter side resized to ``resolution``, then centre-cropped."""
+    from PIL import Image
+
+    from fluxframe.core.images import from_pil
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         Image.Resampling.LANCZOS)
+    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+    return from_pil(image.crop((left, top, left + resolution, top + resolution)))[0]
+
+
+# --- the LoRA --------------------------------------------------------------------------------------------------------
+
+class TrainedLora(nn.Module):
+    """One adapted diffusers-named layer: a down (rank, in) and an up (rows, rank) matrix in float32, whose
+    update lands on rows ``row:row+rows`` of fluxframe's (possibly fused) linear layer."""
+
+    def __init__(self, name: str, in_features: int, rows: int, row: int, out_features: int, rank: int, scale: float):
+        super().__init__()
+        self.name, self.row, self.rows, self.out_features, self.scale = name, row, rows, out_features, scale
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        self.up = nn.Parameter(torch.zeros(rows, rank))  # zero: training starts from the base model exactly
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # PEFT's initialisation
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        d = F.linear(F.linear(x.float(), self.down), self.up) * self.scale
+        return F.pad(d, (self.row, self.out_features - self.row - self.rows))
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus the trained LoRAs that write into it."""
+
+    def __init__(self, base: nn.Linear, loras: list[TrainedLora]):
+        super().__init__()
+        self.base, self.loras = base, loras
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + sum(lora.delta(x) for lora in self.loras).to(out.dtype)
+
+
+def select_layers(model, targets: tuple[str, ...]) -> dict[str, list]:
+    """diffusers module name -> its segments in fluxframe's DiT, for every name matching a target (as PEFT
+    matches target_modules: the name itself or a suffix after a dot)."""
+    from fluxframe.plugins.lora import lora_targets
+
+    rules = list(model.lora_rules())
+    all_targets = lora_targets(rules, model.transformer, model.transformer.config.hidden_size)
+    chosen = {}
+    for _, theirs, _ in rules:
+        for key in theirs:
+            name = key[: -len(".weight")]
+            if name in all_targets and any(name == t or name.endswith("." + t) for t in targets):
+                chosen[name] = all_targets[name]
+    unused = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if unused:
+        raise TrainingError(f"--targets: {', '.join(unused)} names no linear layer of this model (diffusers names, "
+                            f"e.g. {', '.join(DEFAULT_TARGETS)})")
+    return chosen
+
+
+def attach(model, layers: dict[str, list], rank: int, alpha: float) -> list[TrainedLora]:
+    """Wrap the DiT's linear layers with trainable LoRAs; TrainingError for a rank larger than a layer."""
+    modules = dict(model.transformer.named_modules())
+    by_module: dict[str, list[TrainedLora]] = {}
+    loras = []
+    for name, segments in layers.items():
+        for seg in segments:
+            linear = modules[seg.module]
+            if rank > min(linear.in_features, seg.rows):
+                raise TrainingError(f"--rank {rank} is larger than layer {name} ({linear.in_features} in, "
+                                    f"{seg.rows} out): a LoRA's rank must not exceed either")
+            lora = TrainedLora(name, linear.in_features, seg.rows, seg.row, linear.out_features, rank, alpha / rank)
+            lora.to(model.device)  # where the DiT computes (an offloading strategy may keep the weights elsewhere)
+            by_module.setdefault(seg.module, []).append(lora)
+            loras.append(lora)
+    for module, group in by_module.items():
+        parent_name, _, child = module.rpartition(".")
+        parent = modules[parent_name] if parent_name else model.transformer
+        setattr(parent, child, AdaptedLinear(getattr(parent, child), group))
+    return loras
+
+
+def lora_tensors(loras: list[TrainedLora]) -> dict[str, torch.Tensor]:
+    """The diffusers/PEFT layout, scale folded into lora_B (PEFT files from diffusers carry no alpha)."""
+    out = {}
+    for lora in loras:
+        out[f"transformer.{lora.name}.lora_A.weight"] = lora.down.detach().float().contiguous().clone()
+        out[f"transformer.{lora.name}.lora_B.weight"] = (lora.up.detach().float() * lora.scale).contiguous()
+    return out
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+
+def _paths(out: Path) -> dict[str, Path]:
+    return {"state": out.with_name(f".{out.name}.train.pt"), "cache": out.with_name(f".{out.name}.cache.pt"),
+            "record": out.with_name(f"{out.stem}.training.json")}
+
+
+def _save_torch(path: Path, obj) -> None:
+    from fluxframe.core.files import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def encode_dataset(model, items: list[Item], images: dict, resolution: int, cache: Path, key: dict) -> dict:
+    """Latent tokens and text embeddings of every kept item, from the cache when it was made for the same data,
+    base and resolution; the autoencoder and the text encoder are freed afterwards."""
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("key") == json.dumps(key, sort_keys=True):
+            _free_encoders(model)
+            return saved
+    with torch.no_grad():
+        tokens, embeds = [], []
+        for item in items:
+            latents = model.encode_image(to_pixels(images[item.name][0], resolution)[None])
+            tokens.append(latents.tokens[0].float().cpu())
+            text = model.encode_prompts([item.caption])
+            embeds.append(text.embeds[0].float().cpu())
+        saved = {"key": json.dumps(key, sort_keys=True), "tokens": torch.stack(tokens), "embeds": torch.stack(embeds),
+                 "image_ids": latents.ids.cpu(), "text_ids": text.ids.cpu()}
+    _save_torch(cache, saved)
+    _free_encoders(model)
+    return saved
+
+
+def _free_encoders(model) -> None:
+    # training needs the DiT only: the encoders' memory goes back before the first step
+    model._text_encoder = None
+    model.vae = None
+    gc.collect()
+
+
+def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None = None, steps: int = 1000,
+          lr: float = 1e-4, batch_size: int = 1, resolution: int = 512, targets: tuple[str, ...] = DEFAULT_TARGETS,
+          seed: int = 0, checkpoint_every: int = 100, strict: bool = False, host=None,
+          stop_after: int | None = None, command: str | None = None) -> Path:
+    """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
+    many steps of this run, with the checkpoint written, as an interrupted run leaves it."""
+    from safetensors.torch import save_file
+
+    from fluxframe.core.files import atomic_write
+    from fluxframe.core.hashing import sha256_file
+    from fluxframe.core.pipeline import Pipeline
+    from fluxframe.core.plugins import PluginHost
+    from fluxframe.plugins.flux2.family import empirical_mu
+
+    from .train import sample_sigmas
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TrainingError(f"{out}: the LoRA is written as safetensors; name it *.safetensors")
+    for option, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size),
+                          ("--checkpoint-every", checkpoint_every)):
+        if value < 1:
+            raise TrainingError(f"{option}: must be at least 1, got {value}")
+    if resolution < 16 or resolution % 16:
+        raise TrainingError(f"--resolution: must be a positive multiple of 16, got {resolution}")
+    if not lr > 0:
+        raise TrainingError(f"--lr: must be positive, got {lr}")
+    alpha = float(rank if alpha is None else alpha)
+    paths = _paths(out)
+    started = time.time()
+
+    items = read_dataset(data)
+    images = open_images(items)
+    data_hash = dataset_hash(items, images)
+
+    if config.lora:
+        raise TrainingError(f"{config.source}: the deployment applies [[lora]] entries; train on the bare base "
+                            "(remove them from the config used for training)")
+    pipeline = Pipeline.from_config(config, host or PluginHost.for_config(config))
+    model = pipeline.stages.model
+    if model.name != "flux2":
+        raise TrainingError(f"{config.source}: train-lora trains FLUX.2 models for now, not {model.name!r}")
+    kept, filtered = filter_items(pipeline.stages.policy, items, images, strict)
+    skipped = [{k: v for k, v in entry.items() if k != "decision"} for entry in filtered]
+    for entry in skipped:
+        print(f"fluxframe: skipped {entry['file']}: {'; '.join(entry['reasons'])}", file=sys.stderr)
+
+    layers = select_layers(model, tuple(targets))
+    torch.manual_seed(seed)
+    loras = attach(model, layers, rank, alpha)
+    settings = {"base": model.checkpoint_id, "dataset_sha256": data_hash, "kept": [i.name for i in kept],
+                "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "resolution": resolution,
+                "targets": list(targets), "seed": seed}
+    cache = encode_dataset(model, kept, images, resolution, paths["cache"],
+                           {k: settings[k] for k in ("base", "dataset_sha256", "kept", "resolution")})
+
+    transformer = model.transformer.requires_grad_(False)
+    params = [p for lora in loras for p in lora.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    state = {"step": 0, "losses": []}
+    if paths["state"].exists():
+        saved = torch.load(paths["state"], weights_only=False)
+        if saved.get("version") != STATE_VERSION or saved.get("settings") != settings:
+            raise TrainingError(f"{paths['state']}: a checkpoint of a different training (data, base or options "
+                                "differ); delete it to start over")
+        for lora, sd in zip(loras, saved["loras"], strict=True):
+            lora.load_state_dict(sd)
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["generator"])
+        state = saved["state"]
+        print(f"fluxframe: resuming {out.name} at step {state['step']} of {steps}", file=sys.stderr)
+
+    def checkpoint() -> None:
+        _save_torch(paths["state"], {"version": STATE_VERSION, "settings": settings, "state": state,
+                                     "loras": [lora.state_dict() for lora in loras], "opt": opt.state_dict(),
+                                     "generator": gen.get_state()})
+
+    tokens, embeds = cache["tokens"].to(model.device), cache["embeds"].to(model.device)
+    img_ids, txt_ids = cache["image_ids"].to(model.device), cache["text_ids"].to(model.device)
+    mu = empirical_mu(tokens.shape[1], model.default_steps)  # the shift the sampler's schedule uses at this size
+    guidance = model.default_guidance if model.embedded_guidance else None
+
+    def predict(x0, noise, sigma, idx):
+        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        g = None if guidance is None else torch.full((len(idx),), float(guidance), device=model.device)
+        return transformer(xt.to(model.dtype), img_ids, embeds[idx].to(model.dtype), txt_ids, sigma, g)
+
+    def probe_loss() -> float:
+        """The loss at fixed noise and sigmas (0.25, 0.5, 0.75) on the first items: unlike the training loss,
+        which varies with the sigmas drawn, it shows what training changed."""
+        probe = torch.Generator().manual_seed(seed + 1)
+        idx = torch.arange(min(len(tokens), 8))
+        total = 0.0
+        with torch.no_grad():
+            for s in (0.25, 0.5, 0.75):
+                x0 = tokens[idx].to(model.dtype)
+                noise = torch.randn(x0.shape, generator=probe).to(x0)
+                sigma = torch.full((len(idx),), s, device=model.device)
+                total += F.mse_loss(predict(x0, noise, sigma, idx).float(), (noise - x0).float()).item() / 3
+        return round(total, 6)
+
+    from tqdm import tqdm
+
+    if "probe_start" not in state:
+        state["probe_start"] = probe_loss()
+    bar = tqdm(total=steps, initial=state["step"], desc="train-lora", unit="step", disable=not sys.stderr.isatty())
+    this_run = 0
+    with model.memory.using("transformer", transformer, model.device):
+        while state["step"] < steps:
+            idx = torch.randint(0, len(tokens), (batch_size,), generator=gen)
+            x0 = tokens[idx].to(model.dtype)
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            sigma = sample_sigmas(batch_size, mu, gen).to(model.device)
+            pred = predict(x0, noise, sigma, idx)
+            loss = F.mse_loss(pred.float(), (noise - x0).float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            state["step"] += 1
+            state["losses"].append(round(loss.item(), 6))
+            this_run += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state["step"] % checkpoint_every == 0 and state["step"] < steps:
+                checkpoint()
+            if stop_after is not None and this_run >= stop_after and state["step"] < steps:
+                checkpoint()
+                bar.close()
+                return out
+    bar.close()
+
+    record = {
+        "fluxframe_lora": 1, "base_checkpoint": settings["base"], "dataset_sha256": data_hash,
+        "items": len(items), "trained_on": len(kept), "skipped": skipped, "rank": rank, "alpha": alpha,
+        "alpha_folded_into_lora_B": True, "steps": steps, "lr": lr, "batch_size": batch_size,
+        "resolution": resolution, "targets": list(targets), "seed": seed, "schedule_mu": mu,
+        "final_loss": sum(state["losses"][-10:]) / len(state["losses"][-10:]),
+        "probe_loss_start": state["probe_start"], "probe_loss_end": probe_loss(), "command": command,
+        "seconds_this_run": round(time.time() - started, 1),
+    }
+    metadata = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items() if v is not None}
+    tensors = lora_tensors(loras)
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    record["lora_sha256"] = "sha256:" + sha256_file(out)
+    record["losses"] = state["losses"]
+    atomic_write(paths["record"], lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+    if pipeline.stages.audit is not None:  # the deployment's own record: what it trained, on what, what it refused
+        pipeline.stages.audit.append({
+            "event": "train-lora", "lora": str(out), "lora_sha256": record["lora_sha256"],
+            "base_checkpoint": settings["base"], "dataset_sha256": data_hash, "items": len(items),
+            "trained_on": len(kept), "rank": rank, "alpha": alpha, "steps": steps, "seed": seed,
+            "skipped": [{"file": e["file"], "decision": e["decision"]} for e in filtered]})
+    for leftover in (paths["state"], paths["cache"]):
+        leftover.unlink(missing_ok=True)
+    return out
+
+
+def run(args) -> int:
+    from fluxframe.core.config import load_config
+
+    command = " ".join(["fluxframe train-lora"] + [a if " " not in a else repr(a) for a in sys.argv[2:]]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "train-lora" else None
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    out = train(load_config(args.config), args.data, args.out, rank=args.rank, alpha=args.alpha, steps=args.steps,
+                lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, targets=targets,
+                seed=args.seed, checkpoint_every=args.checkpoint_every, strict=args.strict, command=command)
+    print(f"wrote {out} and {_paths(out)['record'].name}")
+    return 0
