@@ -83,6 +83,7 @@ def test_false_positive_set_is_not_detected():
         assert set(entry["sources"]) == {"procedural", "photos"}
         assert 0 < entry["false_match_probability"]["probability"] < 1e-6
     assert figures["methods"][SS]["threshold"] == robust.CONFIDENCE_THRESHOLD
+    assert figures["methods"][SS]["decoded_any"] == 0  # no word decodes to any message, whatever the confidence
     assert figures["methods"]["dwtDct"]["threshold"] == wm.THRESHOLD
     table = fp.markdown(figures)
     assert "10 unmarked images (procedural 8, photos 2)" in table and "FALSE POSITIVE" not in table
