@@ -45,15 +45,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def read(method: str, image) -> tuple[float, bool, bool]:
-    """(bit accuracy before error correction, claimed with the right message, every bit right)."""
+def read(method: str, image, unreadable: float | None = 0.0) -> tuple[float | None, bool, bool]:
+    """(bit accuracy before error correction, claimed with the right message, every bit right); the bit accuracy
+    is ``unreadable`` where the detector reads no bits at all (image too small, or no period found)."""
     found = wm.match(image, {"fluxframe": MESSAGE}, method=method)
     if method == wm.ROBUST_METHOD:
         ok = bool(found["detected"] and found["decoded"] == MESSAGE)
-        return float(found["agreement"] or 0.0), ok, ok
+        return (unreadable if found["agreement"] is None else float(found["agreement"])), ok, ok
     stock = found["stock_agreement"].get("fluxframe")
     if stock is None:  # too small to read
-        return 0.0, False, False
+        return unreadable, False, False
     return float(stock), bool(found["detected"]), stock == 1.0
 
 

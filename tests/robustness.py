@@ -73,6 +73,17 @@ def rotate(degrees: float) -> Attack:
     return lambda image: image.rotate(degrees, resample=Image.Resampling.BICUBIC)
 
 
+def centre_crop(keep: float) -> Attack:
+    """Keep the centre ``keep`` of each edge (the area kept is ``keep`` squared), as Video Seal's crop ratio."""
+    cut = (1.0 - keep) / 2
+    return crop(cut, cut, cut, cut)
+
+
+def blur(sigma: float) -> Attack:
+    """A Gaussian blur of radius (standard deviation) ``sigma`` pixels."""
+    return lambda image: image.filter(ImageFilter.GaussianBlur(sigma))
+
+
 #: The attacks of issue 8, each alone, and the combination.
 ATTACKS: dict[str, Attack] = {
     "none": lambda image: image,
@@ -103,8 +114,26 @@ BEYOND: dict[str, Attack] = {
     "crop 50% (keep the centre quarter)": crop(0.25, 0.25, 0.25, 0.25),
     "rotate 2°": rotate(2.0),
     "JPEG 30": jpeg(30),
-    "blur (Gaussian, 2 px)": lambda image: image.filter(ImageFilter.GaussianBlur(2)),
+    "blur (Gaussian, 2 px)": blur(2.0),
 }
+
+
+def grid(jpeg_qualities=(40, 50, 60, 70, 80, 90), crops=(0.3, 0.5, 0.7, 0.9), resizes=(0.3, 0.5, 0.7, 0.9),
+         rotations=(1, 2, 5, 10), brightnesses=(0.5, 0.75, 1.25, 1.5, 2.0), blurs=(0.5, 1.0, 2.0, 3.0),
+         ) -> dict[str, dict[str, Attack]]:
+    """issue 26's Video Seal–style grid, by family: JPEG quality, centre crop and resize by the ratio of each edge
+    kept (1.0 is the unattacked image, the row "none"), rotation in degrees (corners filled black, size kept),
+    brightness factor, Gaussian blur σ in pixels, and the combined JPEG 75 + crop 10 % all sides + resize 50 %."""
+    return {
+        "none": {"none": ATTACKS["none"]},
+        "JPEG": {f"JPEG {q}": jpeg(q) for q in jpeg_qualities},
+        "crop": {f"crop {r:g}": centre_crop(r) for r in crops},
+        "resize": {f"resize {r:g}": resize(r) for r in resizes},
+        "rotation": {f"rotate {d:g}°": rotate(d) for d in rotations},
+        "brightness": {f"brightness {f:g}": brightness(f) for f in brightnesses},
+        "blur": {f"blur σ {s:g}": blur(s) for s in blurs},
+        "combined": {"JPEG 75 + crop 10% + resize 50%": ATTACKS["JPEG 75 + crop 10% all sides + resize 50%"]},
+    }
 
 COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                  "retina", "colorwheel")
@@ -162,12 +191,12 @@ def generated(kind: str, size: tuple[int, int] = (1024, 1024), seed: int = 0) ->
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
 
 
-def marked_set(size: int = 1024) -> dict[str, Image.Image]:
+def marked_set(size: int = 1024, square: bool = False) -> dict[str, Image.Image]:
     """The 20 images the attack matrix runs on: 16 scikit-image photos (8 colour, 8 grey), most square, some
-    landscape or portrait, and 4 generated ones."""
+    landscape or portrait (all square with ``square``), and 4 generated ones."""
     landscape, portrait = (size, size * 3 // 4), (size * 3 // 4, size)
-    shapes = {"coffee": landscape, "rocket": landscape, "hubble_deep_field": landscape, "cell": portrait,
-              "clock": landscape}
+    shapes = {} if square else {"coffee": landscape, "rocket": landscape, "hubble_deep_field": landscape,
+                                "cell": portrait, "clock": landscape}
     images = {name: photo(name, shapes.get(name, (size, size))) for name in COLOUR_PHOTOS + GREY_PHOTOS}
     for kind in ("gradient", "shapes", "clouds", "noise"):
         images[kind] = generated(kind, (size, size))
