@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import sys
@@ -37,8 +36,11 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fluxframe.provenance import robust
-from fluxframe.provenance import watermark as wm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing, when imported by a test
+from timing import timed_report  # noqa: E402
+
+from fluxframe.provenance import robust  # noqa: E402
+from fluxframe.provenance import watermark as wm  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SEED = 26_000  # seeds of this set: none of the marked set's (0) or of unmarked_set's (1-3)
@@ -302,16 +304,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     logging.disable(logging.WARNING)
-    load_before, started = os.getloadavg()[0], time.perf_counter()
-    figures = run(sources(args), args.methods)
-    figures["seconds"] = time.perf_counter() - started
-    figures["load_average"] = (load_before, os.getloadavg()[0])
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print(markdown(figures))
-    print(f"{figures['seconds']:.0f} s; load average (1 min) before / after: {figures['load_average'][0]:.1f} / "
-          f"{figures['load_average'][1]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
+    figures = timed_report(lambda: run(sources(args), args.methods), markdown, as_json=args.json)
     return 1 if any(e["false_positives"] for e in figures["methods"].values()) else 0
 
 

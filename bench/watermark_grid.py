@@ -18,7 +18,6 @@ error correction (mean over the images the detector could read at all; 0.5 = cha
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # watermark_robu
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the attacks
 
 import robustness as rb  # noqa: E402
+from timing import timed_report  # noqa: E402
 from watermark_robustness import MESSAGE, read  # noqa: E402
 
 from fluxframe.provenance import robust  # noqa: E402
@@ -132,16 +132,7 @@ def markdown(figures: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    load_before, started = os.getloadavg()[0], time.perf_counter()
-    figures = run_grid(args.sizes, args.images, args.methods)
-    figures["seconds"] = time.perf_counter() - started
-    figures["load_average"] = (load_before, os.getloadavg()[0])
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print(markdown(figures))
-    print(f"{figures['seconds']:.0f} s; load average (1 min) before / after: {figures['load_average'][0]:.1f} / "
-          f"{figures['load_average'][1]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
+    timed_report(lambda: run_grid(args.sizes, args.images, args.methods), markdown, as_json=args.json)
     return 0
 
 
