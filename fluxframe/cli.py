@@ -222,7 +222,7 @@ def cmd_serve_token(args) -> int:
     from fluxframe.core.config import load_config
     from fluxframe.serve.store import Store
 
-    store = Store(load_config(args.config).serve_state_dir / "jobs.sqlite")
+    store = Store.for_config(load_config(args.config))
     if args.token_command == "list":
         for name in store.token_names():
             print(name)

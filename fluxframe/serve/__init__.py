@@ -61,6 +61,31 @@ def lock_state(state_dir: Path) -> Any:
     return handle
 
 
+def open_server(config: Any, host: str | None, port: int | None, *, insecure_no_auth: bool,
+                ) -> tuple[str, int, Any]:
+    """What every way of serving does first: the address ([serve] unless given), the state folder's lock (one
+    server per folder), the token check of ``check_auth``. (host, port, the lock to close at the end)."""
+    from fluxframe.serve.store import Store
+
+    host = host or config.serve.host
+    port = config.serve.port if port is None else port
+    lock = lock_state(config.serve_state_dir)
+    try:
+        store = Store.for_config(config)
+        try:
+            check_auth(host, tokens=store.token_names(), insecure_no_auth=insecure_no_auth)
+        finally:
+            store.close()
+    except BaseException:
+        lock.close()
+        raise
+    return host, port, lock
+
+
+def announce(what: str, host: str, port: int) -> None:
+    log.warning("%s: http://%s:%s/ (API docs at /docs)", what, host if ":" not in host else f"[{host}]", port)
+
+
 def serve(config: Any, *, host: str | None = None, port: int | None = None, insecure_no_auth: bool = False,
           log_level: str = "info") -> None:
     """Run the HTTP service for ``config`` until interrupted (uvicorn)."""
@@ -69,14 +94,10 @@ def serve(config: Any, *, host: str | None = None, port: int | None = None, inse
     from fluxframe.serve.app import create_app
     from fluxframe.serve.service import Service
 
-    host = host or config.serve.host
-    port = config.serve.port if port is None else port
-    lock = lock_state(config.serve_state_dir)
-    service = Service(config)
-    check_auth(host, tokens=service.store.token_names(), insecure_no_auth=insecure_no_auth)
-    app = create_app(service, insecure_no_auth=insecure_no_auth)
-    log.warning("fluxframe serve: http://%s:%s/ (API docs at /docs)", host if ":" not in host else f"[{host}]", port)
+    host, port, lock = open_server(config, host, port, insecure_no_auth=insecure_no_auth)
     try:
+        app = create_app(Service(config), insecure_no_auth=insecure_no_auth)
+        announce("fluxframe serve", host, port)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         lock.close()

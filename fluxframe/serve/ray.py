@@ -326,23 +326,17 @@ def build_app(config: Any, *, insecure_no_auth: bool = False) -> Any:
 def serve_ray(config: Any, *, host: str | None = None, port: int | None = None, insecure_no_auth: bool = False,
               ) -> None:
     """Run the application for ``config`` on Ray Serve until interrupted (a local Ray unless [serve.ray] address)."""
-    from fluxframe.serve import check_auth, lock_state
-    from fluxframe.serve.store import Store
+    from fluxframe.serve import announce, open_server
 
     ray, serve = _ray()
-    host = host or config.serve.host
-    port = config.serve.port if port is None else port
-    lock = lock_state(config.serve_state_dir)  # one server per state folder; its replicas share it
+    # one server per state folder (its replicas share it)
+    host, port, lock = open_server(config, host, port, insecure_no_auth=insecure_no_auth)
     try:
-        store = Store(config.serve_state_dir / "jobs.sqlite")
-        check_auth(host, tokens=store.token_names(), insecure_no_auth=insecure_no_auth)
-        store.close()
         ray.init(address=config.serve.ray.address)
         try:
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(config, insecure_no_auth=insecure_no_auth), name=APP_NAME, route_prefix="/")
-            log.warning("fluxframe serve --ray: http://%s:%s/ (API docs at /docs)",
-                        host if ":" not in host else f"[{host}]", port)
+            announce("fluxframe serve --ray", host, port)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

@@ -100,7 +100,7 @@ class Service:
         self.config = config
         self.settings = config.serve
         self.state_dir = config.serve_state_dir
-        self.store = Store(self.state_dir / "jobs.sqlite")
+        self.store = Store.for_config(config)
         self.worker_id = worker_id
         self.pipeline = pipeline
         self._load = load

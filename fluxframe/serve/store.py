@@ -130,6 +130,11 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"{self.path}: cannot open the job store ({exc})") from None
 
+    @classmethod
+    def for_config(cls, config) -> Store:
+        """The deployment's store: ``jobs.sqlite`` in its [serve] state folder."""
+        return cls(config.serve_state_dir / "jobs.sqlite")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
