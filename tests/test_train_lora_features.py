@@ -260,6 +260,10 @@ def test_samples_go_through_the_pipeline_and_leave_training_alone(diffusers_flux
 
 def _bad_option(case, tmp_path, flux2, flex2):
     """(config, data, options, what the message must name)."""
+    if case == "checkpointing with group-offload":
+        cfg = config(flux2, tmp_path, memory={"strategy": "group-offload"})
+        return cfg, make_data(tmp_path / "data", colours=("red",)), {"gradient_checkpointing": True}, \
+            "--gradient-checkpointing"
     if case in ("no prompt", "no every", "quantize", "flex2 option on flux2", "blocked sample"):
         data, cfg = make_data(tmp_path / "data", colours=("red",)), config(flux2, tmp_path)
         options = {"no prompt": ({"sample_every": 2}, "--sample-every 2"),
@@ -277,7 +281,8 @@ def _bad_option(case, tmp_path, flux2, flex2):
 
 
 @pytest.mark.parametrize("case", ["no prompt", "no every", "quantize", "flex2 option on flux2", "blocked sample",
-                                  "depth without estimator", "unknown kind", "dropout"])
+                                  "depth without estimator", "unknown kind", "dropout",
+                                  "checkpointing with group-offload"])
 def test_bad_options_are_one_line_naming_the_option_and_write_nothing(diffusers_flux2_folder, flex2_folder,
                                                                       lora_host, tmp_path, case):
     cfg, data, options, named = _bad_option(case, tmp_path, diffusers_flux2_folder, flex2_folder)
@@ -292,9 +297,26 @@ def test_bad_options_are_one_line_naming_the_option_and_write_nothing(diffusers_
     assert written(out.parent) == []
 
 
-def test_cli_takes_the_new_options(lora_host, capsys):
+def test_cli_takes_the_new_options(diffusers_flux2_folder, lora_host, tmp_path, capsys):
+    """--help lists them, argparse refuses an unknown format, and a run passes them all through to train."""
     from fluxframe.cli import main
 
+    data = make_data(tmp_path / "data", colours=("red",))
+    cfg = tmp_path / "deploy.toml"
+    cfg.write_text(f'[model]\nfamily = "flux2"\npath = "{diffusers_flux2_folder}"\ndtype = "float32"\n'
+                   f'device = "cpu"\n\n[sampler]\nsteps = 2\nwidth = 32\nheight = 32\n\n'
+                   f'[output]\ndir = "{tmp_path / "outputs"}"\n')
+    out = tmp_path / "cli" / "style.safetensors"
+    rc = main(["train-lora", "--config", str(cfg), "--data", str(data), "--out", str(out), "--rank", "2",
+               "--steps", "1", "--resolution", "32", "--quantize", "int8", "--gradient-checkpointing",
+               "--sample-every", "1", "--sample-prompt", "a red square", "--sample-prompt", "a blue square",
+               "--targets", "to_q,to_k"], host=lora_host)
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((out.parent / "style.training.json").read_text())
+    assert record["quantize"] == "int8" and record["gradient_checkpointing"] is True
+    assert record["targets"] == ["to_q", "to_k"] and record["samples"]["prompts"] == ["a red square", "a blue square"]
+    assert written(out.parent / "style.samples") == ["step-000001-0.png", "step-000001-1.png",
+                                                     "step-000001.safetensors"]
     with pytest.raises(SystemExit):
         main(["train-lora", "--help"], host=lora_host)
     text = capsys.readouterr().out

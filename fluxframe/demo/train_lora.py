@@ -574,6 +574,10 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         raise TrainingError(f"{config.source}: the deployment applies [[lora]] entries; train on the bare base "
                             "(remove them from the config used for training)")
     config, quantized = with_quantize(config, quantize)
+    if gradient_checkpointing and "group-offload" in config.memory.names:
+        raise TrainingError(f"--gradient-checkpointing: {config.source}: not with the group-offload memory "
+                            "strategy (it moves blocks in forward hooks, which the recomputation bypasses); use "
+                            "model-offload or none")
     pipeline = Pipeline.from_config(config, host or PluginHost.for_config(config))
     model = pipeline.stages.model
     if model.name not in ("flux2", "flex2"):
