@@ -1,20 +1,25 @@
-"""``fluxframe train-lora``: a LoRA for a deployment's FLUX.2 model, trained on a folder of captioned images.
+"""``fluxframe train-lora``: a LoRA for a deployment's FLUX.2 or Flex.2 (Flux.1) model, trained on a folder of
+captioned images.
 
 The run, in order:
 
 1. read the data set (images with same-name ``.txt`` captions, or a ``metadata.jsonl``), every file checked
    before anything is trained: a missing caption, a caption without its image, an unreadable or huge image is a
-   TrainingError naming the file;
-2. load the deployment (``Pipeline.from_config``: its safety policy and its model, nothing else is used) and pass
-   every caption through the prompt filters and every image through the input-image filters; blocked items are
-   skipped and listed (``--strict``: the first one stops the run);
-3. encode every image (the autoencoder) and caption (the text encoder) once, into a cache beside the output,
-   then free both;
-4. flow matching as the demo model was trained (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
+   TrainingError naming the file; every option is checked too (a TrainingError naming it);
+2. load the deployment (``Pipeline.from_config``: its safety policy, its model and memory strategy, ``quantize``
+   put first for ``--quantize``) and pass every caption through the prompt filters and every image through the
+   input-image filters; blocked items are skipped and listed (``--strict``: the first one stops the run);
+3. encode every image (the autoencoder) and caption (the text encoder) once, and for Flex.2 the control maps of
+   every image, into a cache beside the output, then free the encoders (the autoencoder stays for samples);
+4. flow matching as the family samples (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
    target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count), the
-   base frozen, the LoRA in float32, AdamW; every ``--checkpoint-every`` steps the LoRA, the optimiser and the
-   random generator's state are written atomically, so the same command continues after a kill -9 exactly as an
-   uninterrupted run would have gone on;
+   base frozen (and quantised, for ``--quantize``), the LoRA in float32, AdamW, optionally with gradient
+   checkpointing over the DiT's blocks; for Flex.2 the inpaint, mask and control channels drawn per item as the
+   conditioners fill them at generation, each dropped (left empty) part of the time, the guidance embedder
+   bypassed; every ``--checkpoint-every`` steps the LoRA, the optimiser and the random generator's state are
+   written atomically, so the same command continues after a kill -9 exactly as an uninterrupted run would have
+   gone on; every ``--sample-every`` steps sample images through the deployment's own pipeline with the LoRA
+   so far (``draw_samples``);
 5. the LoRA written in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``,
    alpha/rank folded into lora_B, so every reader applies it at scale 1), its safetensors metadata and a training
    record (``<out>.training.json``) naming the data set's hash, the skipped items, the base checkpoint, rank, alpha,
@@ -29,7 +34,7 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,7 +332,8 @@ def _save_torch(path: Path, obj) -> None:
 
 
 def encode_dataset(model, items: list[Item], images: dict, resolution: int, cache: Path, key: dict, *,
-                   control: list | None = None, keep_vae: bool = False) -> dict:
+                   control: list | None = None, control_kinds: tuple[str, ...] | None = None,
+                   keep_vae: bool = False) -> dict:
     """Latent tokens and text embeddings (with CLIP's pooled vector where the family has one) of every kept item,
     and for Flex.2 the control latents of every item under each of ``control``'s preprocessors, from the cache
     when it was made for the same data, base, resolution and control kinds; the text encoder is freed afterwards,
@@ -350,7 +356,12 @@ def encode_dataset(model, items: list[Item], images: dict, resolution: int, cach
             if getattr(text, "pooled", None) is not None:
                 pooled.append(text.pooled[0].float().cpu())
             if control:  # as the control conditioner encodes a map: VAE posterior mean, normalised, packed
-                maps = [from_pil(prepare(picture).convert("RGB").resize(picture.size)) for prepare in control]
+                maps = [prepare(picture).convert("RGB").resize(picture.size) for prepare in control]
+                for kind, drawn in zip(control_kinds or [""] * len(maps), maps, strict=True):
+                    if not drawn.getbbox():  # all black: e.g. no edges at all at this resolution
+                        print(f"fluxframe: {item.image}: its {kind} control map is empty at {resolution}x"
+                              f"{resolution}; it trains on a blank map there", file=sys.stderr)
+                maps = [from_pil(m) for m in maps]
                 controls.append(torch.stack([model.encode_tokens(m)[0].float().cpu() for m in maps]))
         saved = {"key": json.dumps(key, sort_keys=True), "tokens": torch.stack(tokens), "embeds": torch.stack(embeds),
                  "image_ids": latents.ids.cpu(), "text_ids": text.ids.cpu()}
@@ -614,7 +625,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     if control:
         cache_key["control_kinds"] = list(control_kinds)
     cache = encode_dataset(model, kept, images, resolution, paths["cache"], cache_key, control=control,
-                           keep_vae=bool(sample_every))
+                           control_kinds=control_kinds, keep_vae=bool(sample_every))
 
     transformer = model.transformer.requires_grad_(False)
     if gradient_checkpointing:
@@ -667,7 +678,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         if pooled is None:
             return transformer(xt.to(model.dtype), img_ids, embeds[idx].to(model.dtype), txt_ids, sigma, g)
         x = model.model_input(xt.to(model.dtype), Conditioning(channels=extra or {}))
-        with guidance_bypassed(transformer) if flex2 else _nothing():
+        with guidance_bypassed(transformer) if flex2 else nullcontext():
             return transformer(x, img_ids, embeds[idx].to(model.dtype), txt_ids, pooled[idx].to(model.dtype),
                                sigma, g)
 
@@ -757,11 +768,6 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     for leftover in (paths["state"], paths["cache"]):
         leftover.unlink(missing_ok=True)
     return out
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def run(args) -> int:
