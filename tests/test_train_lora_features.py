@@ -151,6 +151,20 @@ def test_flex2_trains_with_inpaint_and_control_dropout(flex2_folder, lora_host, 
     assert np.abs(mine - plain).max() > 2
 
 
+def test_flex2_resumes_to_the_same_file(flex2_folder, lora_host, tmp_path):
+    """The masks, dropouts and control kinds come from the checkpointed generator: an interrupted Flex.2 run ends
+    in the very file an uninterrupted one writes."""
+    data, cfg = discs(tmp_path / "data"), flex2_config(flex2_folder, tmp_path)
+    options = dict(rank=2, steps=3, lr=1e-2, batch_size=2, resolution=R, seed=2, checkpoint_every=1)
+    out = tmp_path / "a" / "s.safetensors"
+    train_lora.train(cfg, data, out, host=lora_host, stop_after=1, **options)
+    train_lora.train(cfg, data, out, host=lora_host, **options)
+    straight = tmp_path / "b" / "s.safetensors"
+    train_lora.train(cfg, data, straight, host=lora_host, **options)
+    a, b = load_file(out), load_file(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_quantized_base_trains_and_writes_the_same_layout(diffusers_flux2_folder, lora_host, tmp_path, monkeypatch):
     from fluxframe.plugins.memory.quantize import QuantLinear
 

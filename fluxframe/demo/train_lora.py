@@ -622,8 +622,9 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         settings["conditioning"] = {"inpaint_dropout": inpaint_dropout, "control_dropout": control_dropout,
                                     "control_kinds": list(control_kinds) if control else []}
     cache_key = {k: settings[k] for k in ("base", "dataset_sha256", "kept", "resolution")}
-    if control:
+    if control:  # the maps depend on the kinds and on the control conditioner's options (thresholds, estimators)
         cache_key["control_kinds"] = list(control_kinds)
+        cache_key["control_options"] = [c.options for c in config.conditioners if c.name == "control"]
     cache = encode_dataset(model, kept, images, resolution, paths["cache"], cache_key, control=control,
                            control_kinds=control_kinds, keep_vae=bool(sample_every))
 
