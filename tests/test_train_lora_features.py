@@ -150,6 +150,24 @@ def test_flex2_trains_with_inpaint_and_control_dropout(flex2_folder, lora_host, 
     mine = np.asarray(styled.generate(api.GenerationRequest(**request), write=False).image, np.int16)
     assert np.abs(mine - plain).max() > 2
 
+    # diffusers' FluxTransformer2DModel reads the same file (PEFT) and predicts what fluxframe's DiT does with it
+    from diffusers import FluxTransformer2DModel
+    from flex2_helpers import rel_err
+
+    from fluxframe.plugins.flex2.family import image_ids, text_ids
+
+    ref = FluxTransformer2DModel.from_pretrained(flex2_folder / "transformer").eval()
+    ref.load_lora_adapter(str(out), prefix="transformer")
+    torch.manual_seed(1)
+    img, txt, pooled = torch.randn(1, 15, 196), torch.randn(1, 7, 32), torch.randn(1, 32)
+    t, g = torch.tensor([0.6]), torch.tensor([3.5])
+    with torch.no_grad():
+        theirs = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                     img_ids=image_ids(3, 5), txt_ids=text_ids(7), guidance=g, return_dict=False)[0]
+        ours = styled.stages.model.transformer(img, image_ids(3, 5), txt, text_ids(7), pooled, t, g)
+        base = model.transformer(img, image_ids(3, 5), txt, text_ids(7), pooled, t, g)
+    assert rel_err(ours, theirs) < 1e-5 and rel_err(base, theirs) > 1e-3
+
 
 def test_flex2_resumes_to_the_same_file(flex2_folder, lora_host, tmp_path):
     """The masks, dropouts and control kinds come from the checkpointed generator: an interrupted Flex.2 run ends

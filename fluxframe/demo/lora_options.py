@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantise the frozen base's block linears (the `quantize` memory strategy) while the "
                              "LoRA trains in float32; without it, a [memory] quantize in the config applies as set")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each DiT block's activations in the backward pass: less memory, ~30 %% "
-                             "more time")
+                        help="recompute each DiT block's activations in the backward pass: less memory, one more "
+                             "forward pass per step")
     parser.add_argument("--sample-every", type=int, default=0, metavar="N",
                         help="every N steps, generate an image per --sample-prompt with the LoRA so far, through "
                              "the deployment's pipeline (filtered, watermarked, signed, audited), into "
