@@ -1,20 +1,25 @@
-"""``fluxframe train-lora``: a LoRA for a deployment's FLUX.2 model, trained on a folder of captioned images.
+"""``fluxframe train-lora``: a LoRA for a deployment's FLUX.2 or Flex.2 (Flux.1) model, trained on a folder of
+captioned images.
 
 The run, in order:
 
 1. read the data set (images with same-name ``.txt`` captions, or a ``metadata.jsonl``), every file checked
    before anything is trained: a missing caption, a caption without its image, an unreadable or huge image is a
-   TrainingError naming the file;
-2. load the deployment (``Pipeline.from_config``: its safety policy and its model, nothing else is used) and pass
-   every caption through the prompt filters and every image through the input-image filters; blocked items are
-   skipped and listed (``--strict``: the first one stops the run);
-3. encode every image (the autoencoder) and caption (the text encoder) once, into a cache beside the output,
-   then free both;
-4. flow matching as the demo model was trained (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
+   TrainingError naming the file; every option is checked too (a TrainingError naming it);
+2. load the deployment (``Pipeline.from_config``: its safety policy, its model and memory strategy, ``quantize``
+   put first for ``--quantize``) and pass every caption through the prompt filters and every image through the
+   input-image filters; blocked items are skipped and listed (``--strict``: the first one stops the run);
+3. encode every image (the autoencoder) and caption (the text encoder) once, and for Flex.2 the control maps of
+   every image, into a cache beside the output, then free the encoders (the autoencoder stays for samples);
+4. flow matching as the family samples (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
    target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count), the
-   base frozen, the LoRA in float32, AdamW; every ``--checkpoint-every`` steps the LoRA, the optimiser and the
-   random generator's state are written atomically, so the same command continues after a kill -9 exactly as an
-   uninterrupted run would have gone on;
+   base frozen (and quantised, for ``--quantize``), the LoRA in float32, AdamW, optionally with gradient
+   checkpointing over the DiT's blocks; for Flex.2 the inpaint, mask and control channels drawn per item as the
+   conditioners fill them at generation, each dropped (left empty) part of the time, the guidance embedder
+   bypassed; every ``--checkpoint-every`` steps the LoRA, the optimiser and the random generator's state are
+   written atomically, so the same command continues after a kill -9 exactly as an uninterrupted run would have
+   gone on; every ``--sample-every`` steps sample images through the deployment's own pipeline with the LoRA
+   so far (``draw_samples``);
 5. the LoRA written in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight`` / ``lora_B.weight``,
    alpha/rank folded into lora_B, so every reader applies it at scale 1), its safetensors metadata and a training
    record (``<out>.training.json``) naming the data set's hash, the skipped items, the base checkpoint, rank, alpha,
@@ -29,6 +34,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +44,7 @@ from torch import nn
 
 from fluxframe.errors import RequestError, TrainingError
 
-from .lora_options import DEFAULT_TARGETS
+from .lora_options import CONTROL_KINDS, DEFAULT_TARGETS, FAMILY_TARGETS, QUANTIZE_FORMATS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a training image larger than this is refused, not silently downscaled
@@ -161,18 +167,23 @@ def filter_items(policy, items: list[Item], images: dict, strict: bool) -> tuple
     return kept, skipped
 
 
-def to_pixels(image, resolution: int) -> torch.Tensor:
-    """(3, r, r) in [-1, 1]: the shorter side resized to ``resolution``, then centre-cropped."""
+def square(image, resolution: int):
+    """The image with its shorter side resized to ``resolution``, then centre-cropped (PIL)."""
     from PIL import Image
-
-    from fluxframe.core.images import from_pil
 
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
                          Image.Resampling.LANCZOS)
     left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
-    return from_pil(image.crop((left, top, left + resolution, top + resolution)))[0]
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_pixels(image, resolution: int) -> torch.Tensor:
+    """(3, r, r) in [-1, 1]: the shorter side resized to ``resolution``, then centre-cropped."""
+    from fluxframe.core.images import from_pil
+
+    return from_pil(square(image, resolution))[0]
 
 
 # --- the LoRA --------------------------------------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def select_layers(model, targets: tuple[str, ...]) -> dict[str, list]:
     unused = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
     if unused:
         raise TrainingError(f"--targets: {', '.join(unused)} names no linear layer of this model (diffusers names, "
-                            f"e.g. {', '.join(DEFAULT_TARGETS)})")
+                            f"e.g. {', '.join(FAMILY_TARGETS.get(model.name, DEFAULT_TARGETS))})")
     return chosen
 
 
@@ -240,11 +251,62 @@ def attach(model, layers: dict[str, list], rank: int, alpha: float) -> list[Trai
             lora.to(model.device)  # where the DiT computes (an offloading strategy may keep the weights elsewhere)
             by_module.setdefault(seg.module, []).append(lora)
             loras.append(lora)
+    wrapped = []
     for module, group in by_module.items():
         parent_name, _, child = module.rpartition(".")
         parent = modules[parent_name] if parent_name else model.transformer
-        setattr(parent, child, AdaptedLinear(getattr(parent, child), group))
+        wrapper = AdaptedLinear(getattr(parent, child), group)
+        setattr(parent, child, wrapper)
+        wrapped.append((parent, child, wrapper))
+    model._train_lora_wrapped = wrapped  # unwrapped while samples are drawn (see unwrapped)
     return loras
+
+
+@contextmanager
+def unwrapped(model):
+    """The DiT as it was before ``attach``: its own linear layers back in place, the trained ones set aside."""
+    wrapped = model._train_lora_wrapped
+    for parent, child, wrapper in wrapped:
+        setattr(parent, child, wrapper.base)
+    try:
+        yield
+    finally:
+        for parent, child, wrapper in wrapped:
+            setattr(parent, child, wrapper)
+
+
+@contextmanager
+def guidance_bypassed(transformer):
+    """Flex.2's guidance embedder left out of the forward pass (ai-toolkit's ``bypass_guidance_embedding``): the
+    timestep, pooled-text and block paths train; the embedder, which Flex.2 added to a de-distilled base and
+    which generation uses as before, is neither trained nor trained around."""
+    saved = getattr(transformer, "guidance_in", None)
+    if saved is None:
+        yield
+        return
+    transformer.guidance_in = None
+    try:
+        yield
+    finally:
+        transformer.guidance_in = saved
+
+
+def checkpoint_blocks(transformer) -> None:
+    """Gradient checkpointing over blocks: each double and single block's forward runs under
+    ``torch.utils.checkpoint`` (non-reentrant) whenever gradients are being recorded, so only the blocks'
+    inputs are kept and their insides are recomputed in the backward pass. Without gradients (samples) the
+    blocks run as they are."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*transformer.double_blocks, *transformer.single_blocks]:
+        original = block.forward
+
+        def forward(*args, _run=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_run, *args, use_reentrant=False, **kwargs)
+            return _run(*args, **kwargs)
+
+        block.forward = forward
 
 
 def lora_tensors(loras: list[TrainedLora]) -> dict[str, torch.Tensor]:
@@ -269,48 +331,224 @@ def _save_torch(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def encode_dataset(model, items: list[Item], images: dict, resolution: int, cache: Path, key: dict) -> dict:
-    """Latent tokens and text embeddings of every kept item, from the cache when it was made for the same data,
-    base and resolution; the autoencoder and the text encoder are freed afterwards."""
+def encode_dataset(model, items: list[Item], images: dict, resolution: int, cache: Path, key: dict, *,
+                   control: list | None = None, control_kinds: tuple[str, ...] | None = None,
+                   keep_vae: bool = False) -> dict:
+    """Latent tokens and text embeddings (with CLIP's pooled vector where the family has one) of every kept item,
+    and for Flex.2 the control latents of every item under each of ``control``'s preprocessors, from the cache
+    when it was made for the same data, base, resolution and control kinds; the text encoder is freed afterwards,
+    and the autoencoder too unless ``keep_vae`` (samples decode with it)."""
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved.get("key") == json.dumps(key, sort_keys=True):
-            _free_encoders(model)
+            _free_encoders(model, keep_vae)
             return saved
+    from fluxframe.core.images import from_pil
+
     with torch.no_grad():
-        tokens, embeds = [], []
+        tokens, embeds, pooled, controls = [], [], [], []
         for item in items:
-            latents = model.encode_image(to_pixels(images[item.name][0], resolution)[None])
+            picture = square(images[item.name][0], resolution)
+            latents = model.encode_image(from_pil(picture))
             tokens.append(latents.tokens[0].float().cpu())
             text = model.encode_prompts([item.caption])
             embeds.append(text.embeds[0].float().cpu())
+            if getattr(text, "pooled", None) is not None:
+                pooled.append(text.pooled[0].float().cpu())
+            if control:  # as the control conditioner encodes a map: VAE posterior mean, normalised, packed
+                maps = [prepare(picture).convert("RGB").resize(picture.size) for prepare in control]
+                for kind, drawn in zip(control_kinds or [""] * len(maps), maps, strict=True):
+                    if not drawn.getbbox():  # all black: e.g. no edges at all at this resolution
+                        print(f"fluxframe: {item.image}: its {kind} control map is empty at {resolution}x"
+                              f"{resolution}; it trains on a blank map there", file=sys.stderr)
+                maps = [from_pil(m) for m in maps]
+                controls.append(torch.stack([model.encode_tokens(m)[0].float().cpu() for m in maps]))
         saved = {"key": json.dumps(key, sort_keys=True), "tokens": torch.stack(tokens), "embeds": torch.stack(embeds),
                  "image_ids": latents.ids.cpu(), "text_ids": text.ids.cpu()}
+        if pooled:
+            saved["pooled"] = torch.stack(pooled)
+        if controls:
+            saved["control"] = torch.stack(controls)
     _save_torch(cache, saved)
-    _free_encoders(model)
+    _free_encoders(model, keep_vae)
     return saved
 
 
-def _free_encoders(model) -> None:
-    # training needs the DiT only: the encoders' memory goes back before the first step
+def _free_encoders(model, keep_vae: bool = False) -> None:
+    # training needs the DiT only: the encoders' memory goes back before the first step (the text encoder
+    # loads again, lazily, when samples are drawn)
     model._text_encoder = None
-    model.vae = None
+    if not keep_vae:
+        model.vae = None
     gc.collect()
 
 
+# --- Flex.2: the conditioning channels, drawn as generation fills them --------------------------------------------
+
+def random_masks(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, size, size) inpaint masks, 1 = regenerate: each a rectangle or an ellipse 20-80 % of the side
+    wide and high, centred anywhere in the image (so part of it may fall outside)."""
+    draws = torch.rand(n, 5, generator=generator).tolist()
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    y, x = coords[:, None], coords[None, :]
+    masks = []
+    for shape, w, h, cx, cy in draws:
+        dx, dy = (x - cx) / (0.1 + 0.3 * w), (y - cy) / (0.1 + 0.3 * h)  # half-widths 0.1-0.4 of the side
+        inside = (dx * dx + dy * dy <= 1) if shape < 0.5 else (dx.abs() <= 1) & (dy.abs() <= 1)
+        masks.append(inside.float())
+    return torch.stack(masks)[:, None]
+
+
+class Flex2Channels:
+    """The inpaint, mask and control channels of a training batch. Per item, independently: with probability
+    1 - ``inpaint_dropout`` a random mask (``random_masks``) and the image's own latent with the masked part
+    zeroed (what the inpaint conditioner feeds: latent · (1 - mask at latent resolution)), else the family's
+    "no inpaint" (zeros, mask all ones); with probability 1 - ``control_dropout`` the control latent of one of
+    the image's control maps (cached), else zeros ("no control")."""
+
+    def __init__(self, model, resolution: int, inpaint_dropout: float, control_dropout: float,
+                 control: torch.Tensor | None):
+        self.model, self.resolution = model, resolution
+        self.inpaint_dropout, self.control_dropout = inpaint_dropout, control_dropout
+        self.control = control  # (items, kinds, tokens, 64) or None (control dropout 1)
+        self.per_channel = model.channel_groups["inpaint"] // model.channel_groups["mask"]
+
+    def __call__(self, x0: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        b = len(idx)
+        inpaint_on = (torch.rand(b, generator=generator) >= self.inpaint_dropout).to(x0.device)[:, None, None]
+        control_on = (torch.rand(b, generator=generator) >= self.control_dropout).to(x0.device)[:, None, None]
+        kinds = 1 if self.control is None else self.control.shape[1]
+        kind = torch.randint(0, kinds, (b,), generator=generator)
+        masks = random_masks(b, self.resolution, generator)
+        m = self.model.mask_tokens(masks, self.resolution, self.resolution).to(x0)  # (b, tokens, 4), as inference
+        keep = 1.0 - m.repeat(1, 1, self.per_channel)  # mask_tokens(per_channel=True): c·4 + p -> mask[p]
+        channels = {"inpaint": torch.where(inpaint_on, x0 * keep, torch.zeros_like(x0)),
+                    "mask": torch.where(inpaint_on, m, torch.ones_like(m))}
+        if self.control is not None:
+            control = self.control[idx, kind].to(x0)
+            channels["control"] = torch.where(control_on, control, torch.zeros_like(control))
+        return channels
+
+
+def control_preprocessors(pipeline, kinds: tuple[str, ...], source) -> list:
+    """The control maps' preprocessors, those of the deployment's control conditioner where it has one (its
+    Canny thresholds, its depth and pose estimators), else line with the defaults."""
+    from fluxframe.conditioning.preprocess import PREPROCESSORS
+
+    conditioner = pipeline.stages.conditioners.get("control")
+    out = []
+    for kind in kinds:
+        if conditioner is not None:
+            try:
+                out.append(conditioner.preprocessor(kind))
+            except RequestError as exc:
+                raise TrainingError(f"--control-kinds {kind}: {source}: {exc}") from None
+        elif kind == "line":
+            out.append(PREPROCESSORS["line"]())
+        else:
+            raise TrainingError(f"--control-kinds {kind}: needs a {kind} estimator, and {source} has no control "
+                                f"conditioner (add [[conditioners]] name = \"control\" with {kind}_model = "
+                                "\"path/to/model.onnx\"), or train on line maps only")
+    return out
+
+
+# --- the deployment: family, quantisation, samples ----------------------------------------------------------------
+
+def with_quantize(config, fmt: str | None):
+    """(config, the format the frozen base is quantised to, or None): ``--quantize FORMAT`` puts the ``quantize``
+    memory strategy (format FORMAT, the deployment's other [memory.quantize] options kept) before the
+    deployment's other strategies; without it, a deployment that quantises already trains on that."""
+    from fluxframe.core.config import MemorySection
+
+    memory = config.memory
+    configured = dict(memory.options.get("quantize") or {}).get("format", "int8") if "quantize" in memory.names \
+        else None
+    if fmt is None:
+        return config, configured
+    if fmt not in QUANTIZE_FORMATS:
+        raise TrainingError(f"--quantize: expected one of {', '.join(QUANTIZE_FORMATS)}, got {fmt!r}")
+    names = [n for n in memory.names if n not in ("none", "quantize")]
+    options = {**memory.options, "quantize": {**dict(memory.options.get("quantize") or {}), "format": fmt}}
+    section = MemorySection.model_validate({"strategy": ["quantize", *names], **options})
+    return config.model_copy(update={"memory": section}), fmt
+
+
+def check_flex2_options(model, config, inpaint_dropout, control_dropout, control_kinds):
+    """(inpaint dropout, control dropout, control kinds) to train with, or Nones for a model without
+    conditioning channels; TrainingError for a Flex.2 option given to another model or out of range."""
+    given = [name for name, value in (("--inpaint-dropout", inpaint_dropout), ("--control-dropout", control_dropout),
+                                      ("--control-kinds", control_kinds)) if value is not None]
+    if not getattr(model, "takes_conditioning", False):
+        if given:
+            what = f"a {model.name} model" if model.name != "flex2" else "a plain Flux.1 model (64 input channels)"
+            raise TrainingError(f"{given[0]}: only for Flex.2 deployments; {config.source} loads {what}, which has "
+                                "no inpaint or control channels")
+        return None, None, None
+    inpaint_dropout = 0.5 if inpaint_dropout is None else inpaint_dropout
+    control_dropout = 0.5 if control_dropout is None else control_dropout
+    for option, value in (("--inpaint-dropout", inpaint_dropout), ("--control-dropout", control_dropout)):
+        if not 0.0 <= value <= 1.0:
+            raise TrainingError(f"{option}: a probability from 0 to 1, got {value}")
+    kinds = ("line",) if control_kinds is None else tuple(control_kinds)
+    bad = [k for k in kinds if k not in CONTROL_KINDS]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise TrainingError(f"--control-kinds: expected distinct names among {', '.join(CONTROL_KINDS)}, got "
+                            f"{','.join(kinds) or '(none)'}")
+    return inpaint_dropout, control_dropout, kinds
+
+
+def draw_samples(pipeline, loras: list[TrainedLora], prompts: tuple[str, ...], folder: Path, step: int, seed: int,
+                 metadata: dict[str, str]) -> list[Path]:
+    """The LoRA as it stands written to ``folder/step-NNNNNN.safetensors``, then one image per prompt generated
+    with it by the deployment's own pipeline (the LoRA applied as a side path, as ``[[lora]]`` would apply it,
+    so the image is filtered, watermarked, signed and audited like any output, its record naming that file);
+    afterwards the DiT is as training left it."""
+    from safetensors.torch import save_file
+
+    from fluxframe.core.files import atomic_write
+    from fluxframe.core.types import GenerationRequest
+    from fluxframe.errors import Blocked
+
+    model = pipeline.stages.model
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_file = folder / f"step-{step:06d}.safetensors"
+    tensors = lora_tensors(loras)
+    atomic_write(lora_file, lambda tmp: save_file(tensors, str(tmp), metadata={**metadata, "step": str(step)}))
+    made = []
+    with unwrapped(model):
+        model.apply_loras([{"path": lora_file, "weight": 1.0, "mode": "side", "key": "sample"}])
+        try:
+            for i, prompt in enumerate(prompts):
+                path = folder / f"step-{step:06d}-{i}.{pipeline.config.output.format}"
+                try:
+                    pipeline.generate(GenerationRequest(prompt=prompt, seed=seed, output=path, overwrite=True))
+                    made.append(path)
+                except Blocked as exc:  # an output filter's verdict: audited by the pipeline, training goes on
+                    print(f"fluxframe: sample {path.name} blocked: {exc}", file=sys.stderr)
+        finally:
+            model.remove_loras()
+            model._text_encoder = None  # freed again until the next samples
+            gc.collect()
+    return made
+
+
 def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None = None, steps: int = 1000,
-          lr: float = 1e-4, batch_size: int = 1, resolution: int = 512, targets: tuple[str, ...] = DEFAULT_TARGETS,
-          seed: int = 0, checkpoint_every: int = 100, strict: bool = False, host=None,
-          stop_after: int | None = None, command: str | None = None) -> Path:
+          lr: float = 1e-4, batch_size: int = 1, resolution: int = 512, targets: tuple[str, ...] | None = None,
+          seed: int = 0, checkpoint_every: int = 100, strict: bool = False, quantize: str | None = None,
+          gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
+          inpaint_dropout: float | None = None, control_dropout: float | None = None,
+          control_kinds: tuple[str, ...] | None = None, host=None, stop_after: int | None = None,
+          after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
-    many steps of this run, with the checkpoint written, as an interrupted run leaves it."""
+    many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
+    (tests): called with the LoRAs after each backward pass, before clipping and the optimiser step."""
     from safetensors.torch import save_file
 
     from fluxframe.core.files import atomic_write
     from fluxframe.core.hashing import sha256_file
     from fluxframe.core.pipeline import Pipeline
     from fluxframe.core.plugins import PluginHost
-    from fluxframe.plugins.flux2.family import empirical_mu
+    from fluxframe.core.types import Conditioning
 
     from .train import sample_sigmas
 
@@ -325,8 +563,18 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         raise TrainingError(f"--resolution: must be a positive multiple of 16, got {resolution}")
     if not lr > 0:
         raise TrainingError(f"--lr: must be positive, got {lr}")
+    sample_prompts = tuple(p.strip() for p in (sample_prompts or ()))
+    if sample_every < 0:
+        raise TrainingError(f"--sample-every: must be 0 (no samples) or more, got {sample_every}")
+    if sample_every and not sample_prompts:
+        raise TrainingError(f"--sample-every {sample_every}: needs at least one --sample-prompt")
+    if sample_prompts and not sample_every:
+        raise TrainingError("--sample-prompt: needs --sample-every N (how often to draw the samples)")
+    if any(not p for p in sample_prompts):
+        raise TrainingError("--sample-prompt: an empty prompt")
     alpha = float(rank if alpha is None else alpha)
     paths = _paths(out)
+    samples_dir = out.with_name(f"{out.stem}.samples")
     started = time.time()
 
     items = read_dataset(data)
@@ -336,25 +584,53 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     if config.lora:
         raise TrainingError(f"{config.source}: the deployment applies [[lora]] entries; train on the bare base "
                             "(remove them from the config used for training)")
+    config, quantized = with_quantize(config, quantize)
+    if gradient_checkpointing and "group-offload" in config.memory.names:
+        raise TrainingError(f"--gradient-checkpointing: {config.source}: not with the group-offload memory "
+                            "strategy (it moves blocks in forward hooks, which the recomputation bypasses); use "
+                            "model-offload or none")
     pipeline = Pipeline.from_config(config, host or PluginHost.for_config(config))
     model = pipeline.stages.model
-    if model.name != "flux2":
-        raise TrainingError(f"{config.source}: train-lora trains FLUX.2 models for now, not {model.name!r}")
+    if model.name not in ("flux2", "flex2"):
+        raise TrainingError(f"{config.source}: train-lora trains FLUX.2 and Flex.2 (Flux.1) models, not "
+                            f"{model.name!r}")
+    inpaint_dropout, control_dropout, control_kinds = check_flex2_options(model, config, inpaint_dropout,
+                                                                          control_dropout, control_kinds)
+    flex2 = inpaint_dropout is not None
+    control = control_preprocessors(pipeline, control_kinds, config.source) if flex2 and control_dropout < 1 \
+        else None
+    for prompt in sample_prompts:  # a sample the filters would block is a mistake to find now, not in an hour
+        decision = pipeline.stages.policy.check_prompts({"prompt": prompt})
+        if not decision.allowed:
+            raise TrainingError(f"--sample-prompt {prompt!r}: blocked by the safety filters "
+                                f"({'; '.join(decision.reasons) or decision.action})")
     kept, filtered = filter_items(pipeline.stages.policy, items, images, strict)
     skipped = [{k: v for k, v in entry.items() if k != "decision"} for entry in filtered]
     for entry in skipped:
         print(f"fluxframe: skipped {entry['file']}: {'; '.join(entry['reasons'])}", file=sys.stderr)
 
-    layers = select_layers(model, tuple(targets))
+    targets = FAMILY_TARGETS[model.name] if targets is None else tuple(targets)
+    layers = select_layers(model, targets)
     torch.manual_seed(seed)
     loras = attach(model, layers, rank, alpha)
     settings = {"base": model.checkpoint_id, "dataset_sha256": data_hash, "kept": [i.name for i in kept],
                 "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "resolution": resolution,
                 "targets": list(targets), "seed": seed}
-    cache = encode_dataset(model, kept, images, resolution, paths["cache"],
-                           {k: settings[k] for k in ("base", "dataset_sha256", "kept", "resolution")})
+    if quantized:
+        settings["quantize"] = quantized
+    if flex2:
+        settings["conditioning"] = {"inpaint_dropout": inpaint_dropout, "control_dropout": control_dropout,
+                                    "control_kinds": list(control_kinds) if control else []}
+    cache_key = {k: settings[k] for k in ("base", "dataset_sha256", "kept", "resolution")}
+    if control:  # the maps depend on the kinds and on the control conditioner's options (thresholds, estimators)
+        cache_key["control_kinds"] = list(control_kinds)
+        cache_key["control_options"] = [c.options for c in config.conditioners if c.name == "control"]
+    cache = encode_dataset(model, kept, images, resolution, paths["cache"], cache_key, control=control,
+                           control_kinds=control_kinds, keep_vae=bool(sample_every))
 
     transformer = model.transformer.requires_grad_(False)
+    if gradient_checkpointing:
+        checkpoint_blocks(transformer)
     params = [p for lora in loras for p in lora.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -380,17 +656,36 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
 
     tokens, embeds = cache["tokens"].to(model.device), cache["embeds"].to(model.device)
     img_ids, txt_ids = cache["image_ids"].to(model.device), cache["text_ids"].to(model.device)
-    mu = empirical_mu(tokens.shape[1], model.default_steps)  # the shift the sampler's schedule uses at this size
-    guidance = model.default_guidance if model.embedded_guidance else None
+    if model.name == "flex2":
+        from fluxframe.plugins.flex2.family import flux1_mu
 
-    def predict(x0, noise, sigma, idx):
+        mu = flux1_mu(tokens.shape[1], **model.shift)  # the Flux.1 schedule's shift at this size
+        pooled = cache["pooled"].to(model.device)
+        channels = Flex2Channels(model, resolution, inpaint_dropout, control_dropout,
+                                 cache["control"] if control else None) if flex2 else None
+        # Flex.2 trains with its guidance embedder bypassed (see guidance_bypassed); plain Flux.1 dev at the
+        # model's default guidance, as FLUX.2 dev does
+        guidance = None if flex2 or transformer.guidance_in is None else model.default_guidance
+    else:
+        from fluxframe.plugins.flux2.family import empirical_mu
+
+        mu = empirical_mu(tokens.shape[1], model.default_steps)  # the shift the sampler's schedule uses here
+        pooled = channels = None
+        guidance = model.default_guidance if model.embedded_guidance else None
+
+    def predict(x0, noise, sigma, idx, extra=None):
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         g = None if guidance is None else torch.full((len(idx),), float(guidance), device=model.device)
-        return transformer(xt.to(model.dtype), img_ids, embeds[idx].to(model.dtype), txt_ids, sigma, g)
+        if pooled is None:
+            return transformer(xt.to(model.dtype), img_ids, embeds[idx].to(model.dtype), txt_ids, sigma, g)
+        x = model.model_input(xt.to(model.dtype), Conditioning(channels=extra or {}))
+        with guidance_bypassed(transformer) if flex2 else nullcontext():
+            return transformer(x, img_ids, embeds[idx].to(model.dtype), txt_ids, pooled[idx].to(model.dtype),
+                               sigma, g)
 
     def probe_loss() -> float:
-        """The loss at fixed noise and sigmas (0.25, 0.5, 0.75) on the first items: unlike the training loss,
-        which varies with the sigmas drawn, it shows what training changed."""
+        """The loss at fixed noise and sigmas (0.25, 0.5, 0.75) on the first items, without inpaint or control:
+        unlike the training loss, which varies with the sigmas drawn, it shows what training changed."""
         probe = torch.Generator().manual_seed(seed + 1)
         idx = torch.arange(min(len(tokens), 8))
         total = 0.0
@@ -402,35 +697,46 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 total += F.mse_loss(predict(x0, noise, sigma, idx).float(), (noise - x0).float()).item() / 3
         return round(total, 6)
 
+    sample_meta = {"fluxframe_lora": "1", "base_checkpoint": settings["base"], "dataset_sha256": data_hash,
+                   "rank": str(rank), "alpha": json.dumps(alpha), "alpha_folded_into_lora_B": "true"}
     from tqdm import tqdm
 
     if "probe_start" not in state:
         state["probe_start"] = probe_loss()
     bar = tqdm(total=steps, initial=state["step"], desc="train-lora", unit="step", disable=not sys.stderr.isatty())
     this_run = 0
-    with model.memory.using("transformer", transformer, model.device):
-        while state["step"] < steps:
-            idx = torch.randint(0, len(tokens), (batch_size,), generator=gen)
-            x0 = tokens[idx].to(model.dtype)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            sigma = sample_sigmas(batch_size, mu, gen).to(model.device)
-            pred = predict(x0, noise, sigma, idx)
-            loss = F.mse_loss(pred.float(), (noise - x0).float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            state["step"] += 1
-            state["losses"].append(round(loss.item(), 6))
-            this_run += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if state["step"] % checkpoint_every == 0 and state["step"] < steps:
-                checkpoint()
-            if stop_after is not None and this_run >= stop_after and state["step"] < steps:
-                checkpoint()
-                bar.close()
-                return out
+    while state["step"] < steps:
+        with model.memory.using("transformer", transformer, model.device):
+            while state["step"] < steps:
+                idx = torch.randint(0, len(tokens), (batch_size,), generator=gen)
+                x0 = tokens[idx].to(model.dtype)
+                noise = torch.randn(x0.shape, generator=gen).to(x0)
+                sigma = sample_sigmas(batch_size, mu, gen).to(model.device)
+                extra = channels(x0, idx, gen) if channels is not None else None
+                pred = predict(x0, noise, sigma, idx, extra)
+                loss = F.mse_loss(pred.float(), (noise - x0).float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if after_backward is not None:
+                    after_backward(loras)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                state["step"] += 1
+                state["losses"].append(round(loss.item(), 6))
+                this_run += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if state["step"] % checkpoint_every == 0 and state["step"] < steps:
+                    checkpoint()
+                if stop_after is not None and this_run >= stop_after and state["step"] < steps:
+                    checkpoint()
+                    bar.close()
+                    return out
+                if sample_every and state["step"] % sample_every == 0:
+                    break  # the samples run outside the transformer's use: generation brackets its own
+        if sample_every and state["step"] % sample_every == 0:
+            made = draw_samples(pipeline, loras, sample_prompts, samples_dir, state["step"], seed, sample_meta)
+            state.setdefault("samples", []).extend(str(p.name) for p in made)
     bar.close()
 
     record = {
@@ -438,6 +744,9 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         "items": len(items), "trained_on": len(kept), "skipped": skipped, "rank": rank, "alpha": alpha,
         "alpha_folded_into_lora_B": True, "steps": steps, "lr": lr, "batch_size": batch_size,
         "resolution": resolution, "targets": list(targets), "seed": seed, "schedule_mu": mu,
+        "quantize": quantized, "gradient_checkpointing": gradient_checkpointing or None,
+        "conditioning": settings.get("conditioning"),
+        "guidance_embedding": "bypassed" if flex2 and transformer.guidance_in is not None else None,
         "final_loss": sum(state["losses"][-10:]) / len(state["losses"][-10:]),
         "probe_loss_start": state["probe_start"], "probe_loss_end": probe_loss(), "command": command,
         "seconds_this_run": round(time.time() - started, 1),
@@ -447,6 +756,9 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     record["lora_sha256"] = "sha256:" + sha256_file(out)
     record["losses"] = state["losses"]
+    if sample_every:
+        record["samples"] = {"folder": samples_dir.name, "every": sample_every, "prompts": list(sample_prompts),
+                             "seed": seed, "files": state.get("samples", [])}
     atomic_write(paths["record"], lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
     if pipeline.stages.audit is not None:  # the deployment's own record: what it trained, on what, what it refused
         pipeline.stages.audit.append({
@@ -464,9 +776,14 @@ def run(args) -> int:
 
     command = " ".join(["fluxframe train-lora"] + [a if " " not in a else repr(a) for a in sys.argv[2:]]) \
         if len(sys.argv) > 1 and sys.argv[1] == "train-lora" else None
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = None if args.targets is None else tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    kinds = None if args.control_kinds is None else tuple(k.strip() for k in args.control_kinds.split(",")
+                                                          if k.strip())
     out = train(load_config(args.config), args.data, args.out, rank=args.rank, alpha=args.alpha, steps=args.steps,
                 lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, targets=targets,
-                seed=args.seed, checkpoint_every=args.checkpoint_every, strict=args.strict, command=command)
+                seed=args.seed, checkpoint_every=args.checkpoint_every, strict=args.strict, quantize=args.quantize,
+                gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
+                sample_prompts=tuple(args.sample_prompt or ()), inpaint_dropout=args.inpaint_dropout,
+                control_dropout=args.control_dropout, control_kinds=kinds, command=command)
     print(f"wrote {out} and {_paths(out)['record'].name}")
     return 0

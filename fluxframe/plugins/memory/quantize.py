@@ -118,11 +118,31 @@ class QuantLinear(nn.Module):
         return groups.view(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return _Dequantized.apply(x, self.bias, self)  # training through a frozen quantised layer
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.format == "nf4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}"
+
+
+class _Dequantized(torch.autograd.Function):
+    """``F.linear(x, layer.weight, bias)`` whose backward pass dequantises the weight again instead of keeping
+    the forward pass's copy: gradients flowing through a frozen quantised layer (a LoRA trained on a quantised
+    base, ``fluxframe train-lora --quantize``) cost the layer's input, not a full-precision copy of every
+    weight held until the backward pass. The weight itself gets no gradient (its codes are buffers)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return F.linear(x, layer.weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad @ ctx.layer.weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
 
 
 def _block_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
