@@ -91,7 +91,8 @@ def main() -> int:
         pipeline, sampler = demo_pipeline(args.model, loras=loras, steps=args.steps, guidance=args.guidance)
         counts, images[which], rows = grade(pipeline, scenes, args.seed)
         result.update(steps=sampler["steps"], guidance=sampler["guidance"])
-        result[which] = {"counts": counts, "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+        result.setdefault("runs", {})[which] = {"counts": counts, "rows": rows,
+                                                "seconds": round(time.perf_counter() - started, 1)}
     if args.sheet and len(images) == 2:
         contact_sheet(images["base"][:16], images["lora"][:16], args.sheet)
     if args.json:
@@ -100,13 +101,14 @@ def main() -> int:
     print(f"{args.model} on {len(scenes)} held-out captions, seeds {args.seed}+, {result['steps']} steps, guidance "
           f"{result['guidance']}")
     for which in ("base", "lora"):
-        if which in result:
-            counts = result[which]["counts"]
+        if which in result.get("runs", {}):
+            run = result["runs"][which]
+            counts = run["counts"]
             label = "without the LoRA" if which == "base" else f"with {Path(args.lora).name} at {args.weight:g}"
-            print(f"  {label} ({result[which]['seconds']} s): "
+            print(f"  {label} ({run['seconds']} s): "
                   + ", ".join(f"{key} {counts[key]}/{len(scenes)} ({counts[key] / len(scenes):.0%})"
                               for key in GRADED))
-            for row in result[which]["rows"]:
+            for row in run["rows"]:
                 if which == "lora" and not row["all three"]:
                     print(f"    {row['caption']!r} seed {row['seed']}: read {row['read']} (hollow {row['hollow']})")
     return 0
