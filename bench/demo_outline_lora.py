@@ -57,7 +57,7 @@ def grade(pipeline, scenes, seed: int):
         for key in GRADED:
             counts[key] += ok[key]
         images.append(image)
-        rows.append({"caption": scene.caption, "seed": seed + i, "hollow": round(found.hollow, 3), **ok,
+        rows.append({"caption": scene.caption, "seed": seed + i, "hollowness": round(found.hollow, 3), **ok,
                      "read": f"{found.colour} {found.style} {found.shape} {found.position}"})
     return counts, images, rows
 
@@ -110,7 +110,7 @@ def main() -> int:
                               for key in GRADED))
             for row in run["rows"]:
                 if which == "lora" and not row["all three"]:
-                    print(f"    {row['caption']!r} seed {row['seed']}: read {row['read']} (hollow {row['hollow']})")
+                    print(f"    {row['caption']!r} seed {row['seed']}: read {row['read']} (hollowness {row['hollowness']})")
     return 0
 
 
