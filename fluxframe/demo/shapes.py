@@ -16,6 +16,11 @@ The measurement functions (``analyse``) find the shape as the pixels far in colo
 from the image border), then read its colour (median of the region, nearest named colour), its position (centroid,
 nearest anchor), its size (longer side of the bounding box) and its shape (solidity against the convex hull, fill of
 the bounding box, and which of a disk and a square of the region's own area and centroid overlaps it more).
+
+A second style, ``Scene.style == "outline"``, draws the same shape as a thick outline (its edge moved inwards by
+``OUTLINE_WIDTH`` of its extent and filled with the background): no image the demo model was trained on had it, so
+it is what the demo's style LoRA (models/shapes-v1-outline-lora) teaches. ``analyse`` tells the styles apart by the
+region's hollowness: the share of what the region encloses (its holes filled in) that is not the region.
 """
 
 from __future__ import annotations
