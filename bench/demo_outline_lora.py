@@ -110,7 +110,8 @@ def main() -> int:
                               for key in GRADED))
             for row in run["rows"]:
                 if which == "lora" and not row["all three"]:
-                    print(f"    {row['caption']!r} seed {row['seed']}: read {row['read']} (hollowness {row['hollowness']})")
+                    print(f"    {row['caption']!r} seed {row['seed']}: read {row['read']} "
+                          f"(hollowness {row['hollowness']})")
     return 0
 
 
