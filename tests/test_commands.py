@@ -48,7 +48,7 @@ def test_builtin_command_groups_come_through_the_hook(host):
     commands = host.collect("command")
     assert {name: r.plugin for name, r in commands.items()} == {
         "check": "safety", "audit": "safety", "verify": "provenance", "certs": "provenance", "train-demo": "demo",
-        "train-lora": "demo"}
+        "train-lora": "demo", "demo-data": "demo"}
     parser = build_parser(host)
     args = parser.parse_args(["audit", "verify", "log.jsonl"])
     assert args.fluxframe_command is commands["audit"].factory.run

@@ -3,6 +3,7 @@ image analysis that grades the demo model, checked on the generator's own images
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -145,3 +146,73 @@ def test_a_lumpy_disk_and_a_very_rounded_square_read_circle():
     for draw in (lumpy_disk, squircle):
         found = shapes.analyse(_drawn(draw))
         assert found.shape == "circle", (draw.__name__, found)
+
+
+# --- the outline style (issue 27's style LoRA demonstration) ---------------------------------------------------------
+
+def _outline(scene: Scene) -> Scene:
+    return dataclasses.replace(scene, style="outline")
+
+
+@pytest.mark.parametrize("shape", shapes.SHAPES)
+def test_outline_and_filled_read_apart_for_every_shape(shape):
+    """Filled reads filled, outline reads hollow, at both sizes, every position and several colours; an outline's
+    colour, position, shape and size read as the filled shape's."""
+    for position, size, (colour, background) in zip(
+            shapes.POSITIONS, itertools.cycle(shapes.SIZES),
+            [("yellow", "purple"), ("black", "white"), ("red", "blue"), ("white", "green"), ("orange", "red")]):
+        filled = Scene(shape, colour, position, size, background)
+        for scene in (filled, _outline(filled)):
+            found = shapes.analyse(shapes.render(scene))
+            assert found.style == scene.style, (scene, found)
+            assert all(shapes.grade(scene, found).values()), (scene, found)
+        assert shapes.analyse(shapes.render(filled)).hollow < 0.02
+        assert shapes.analyse(shapes.render(_outline(filled))).hollow > 0.25  # HOLLOW_CUT is 0.15
+
+
+def test_outline_is_the_filled_shape_with_a_hole():
+    """Same geometry: the region an outline encloses is the filled shape's region."""
+    for scene in shapes.held_out_scenes(32):
+        filled, _ = shapes.shape_region(np.asarray(shapes.render(scene)))
+        outline, _ = shapes.shape_region(np.asarray(shapes.render(_outline(scene))))
+        enclosed = shapes.enclosed_region(outline)
+        assert (outline & ~filled).sum() <= 0.01 * filled.sum()
+        assert (enclosed ^ filled).sum() <= 0.03 * filled.sum(), scene
+
+
+def test_style_reading_tolerates_blur_noise_and_a_gap():
+    """Generated outlines are soft and may break: blurred, noisy, or with a gap of 4 px, a ring is still hollow and a
+    filled shape still filled."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(1)
+    for scene in shapes.held_out_scenes(16):
+        for s in (scene, _outline(scene)):
+            image = shapes.render(s).filter(ImageFilter.GaussianBlur(1.5))
+            noisy = np.clip(np.asarray(image, dtype=np.float64) + rng.normal(0, 8, (256, 256, 3)), 0, 255)
+            found = shapes.analyse(noisy.astype(np.uint8))
+            assert (found.style, found.colour, found.position) == (s.style, s.colour, s.position), (s, found)
+    ring = shapes.render(Scene("circle", "red", "centre", "large", "blue", style="outline"))
+    ImageDraw.Draw(ring).rectangle([126, 0, 129, 127], fill=shapes.COLOURS["blue"])  # cut the ring at the top
+    found = shapes.analyse(ring)
+    assert found.style == "outline" and found.shape == "circle"
+
+
+def test_an_unknown_style_is_refused():
+    with pytest.raises(ValueError, match="style"):
+        shapes.render(Scene("circle", "red", "centre", "large", "blue", style="dotted"))
+
+
+def test_outline_dataset_uses_training_triples_only(tmp_path):
+    from fluxframe.demo.train_lora import read_dataset
+
+    scenes = shapes.outline_scenes(192, seed=0)
+    assert scenes == shapes.outline_scenes(192, seed=0) and len(scenes) == 192
+    assert all(s.style == "outline" for s in scenes)
+    assert not {s.triple for s in scenes} & shapes.HELD_OUT
+    assert {s.triple for s in scenes} == {s.triple for s in shapes.all_scenes("train")}
+    assert len({s.caption for s in scenes}) == 192
+    assert shapes.write_dataset(scenes[:3], tmp_path) == 3
+    items = read_dataset(tmp_path)
+    assert [i.caption for i in items] == [s.caption for s in scenes[:3]]
+    assert shapes.analyse(shapes.render(scenes[0])).style == "outline"

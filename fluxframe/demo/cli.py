@@ -1,5 +1,6 @@
-"""The command this package adds to the `fluxframe` CLI through ``register_commands`` (see fluxframe.demo):
-``train-demo``, which trains the shipped demo model.
+"""The commands this package adds to the `fluxframe` CLI through ``register_commands`` (see fluxframe.demo):
+``train-demo``, which trains the shipped demo model, ``train-lora``, and ``demo-data``, which writes a folder of
+the shapes data set's images with captions (the outline style's: the demo's style LoRA was trained on it).
 
 Nothing heavy is imported until the command runs, so ``fluxframe --help`` stays fast.
 """
@@ -33,6 +34,38 @@ def register_commands(register) -> None:
                     "load_lora_weights and fluxframe --lora both read it) and a training record beside it. "
                     "Resumable: run the same command again after an interruption.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+    register(
+        "demo-data", demo_data_arguments, cmd_demo_data,
+        help="write shapes data-set images with .txt captions (e.g. the outline style, for train-lora)",
+        description="Draw scenes of the demo's synthetic shapes data set (training triples only: the held-out "
+                    "ones stay unseen) as NNNN.png with the caption in NNNN.txt, the folder layout train-lora "
+                    "reads. --style outline draws every shape as a thick outline, a style no image shapes-v1 "
+                    "was trained on had.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def demo_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (created)")
+    parser.add_argument("--style", choices=("outline",), default="outline", help="how the shapes are drawn")
+    parser.add_argument("--count", type=int, default=192, help="images to write (the 128 training triples in turn)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the position and size jitter")
+
+
+def cmd_demo_data(args) -> int:
+    from .shapes import outline_scenes, write_dataset
+
+    if args.count < 1:
+        import sys
+
+        print("fluxframe: error: --count must be at least 1", file=sys.stderr)
+        return 2
+    written = write_dataset(outline_scenes(args.count, args.seed), args.out)
+    print(f"wrote {written} images with captions to {args.out}")
+    return 0
 
 
 def cmd_train_lora(args) -> int:

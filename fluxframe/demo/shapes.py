@@ -16,6 +16,11 @@ The measurement functions (``analyse``) find the shape as the pixels far in colo
 from the image border), then read its colour (median of the region, nearest named colour), its position (centroid,
 nearest anchor), its size (longer side of the bounding box) and its shape (solidity against the convex hull, fill of
 the bounding box, and which of a disk and a square of the region's own area and centroid overlaps it more).
+
+A second style, ``Scene.style == "outline"``, draws the same shape as a thick outline (its edge moved inwards by
+``OUTLINE_WIDTH`` of its extent and filled with the background): no image the demo model was trained on had it, so
+it is what the demo's style LoRA (models/shapes-v1-outline-lora) teaches. ``analyse`` tells the styles apart by the
+region's hollowness: the share of what the region encloses (its holes filled in) that is not the region.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ POSITION_JITTER = 0.025  # training scenes move their centroid by up to this fra
 SIZE_JITTER = 0.06  # and scale by up to ±6 %
 STAR_INNER = 0.45  # inner / outer radius of the five-pointed star (a chunky star stays a star at 256 px)
 
+STYLES = ("filled", "outline")
+# The outline style's stroke, as a fraction of the shape's nominal extent, drawn inside the filled shape's edge (the
+# outline's outer edge is the filled shape's edge). The star's arms are narrow, so its stroke is thinner; thinner
+# still, the demo autoencoder's round trip breaks small triangles' and stars' strokes (gaps), thicker fills their holes.
+OUTLINE_WIDTH = {"circle": 0.15, "square": 0.14, "triangle": 0.14, "star": 0.1}
+HOLLOW_CUT = 0.15  # ``Analysis.hollow`` above this reads as an outline
+
 
 def _held_out() -> frozenset[tuple[str, str, str]]:
     # One position per (shape, colour) pair; (3·shape + colour) mod 5 spreads them so that each (colour, position)
@@ -76,6 +88,7 @@ class Scene:
     dx: float = 0.0  # centroid offset from the position's anchor, fraction of the image
     dy: float = 0.0
     scale: float = 1.0  # multiplies the size's nominal extent
+    style: str = "filled"  # or "outline": the same shape drawn as a thick outline (no training image of shapes-v1)
 
     @property
     def triple(self) -> tuple[str, str, str]:
@@ -146,6 +159,38 @@ def held_out_scenes(count: int = 48) -> list[Scene]:
     return out
 
 
+def outline_scenes(count: int = 192, seed: int = 0) -> list[Scene]:
+    """``count`` outline-style scenes of training triples only (the held-out triples stay unseen in this style too):
+    the 128 triples in turn, stars and triangles first (so 192 scenes draw each of those twice, once per size, and
+    circles and squares once: thin strokes are the hardest to learn), the size alternating and the background
+    cycling through the colours other than the shape's, each scene with its own jitter from ``seed``."""
+    triples = sorted({s.triple for s in all_scenes("train")},  # stars and triangles first
+                     key=lambda t: (-SHAPES.index(t[0]), COLOUR_NAMES.index(t[1]), POSITION_NAMES.index(t[2])))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        shape, colour, position = triples[i % len(triples)]
+        backgrounds = [c for c in COLOUR_NAMES if c != colour]
+        dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
+        scale = 1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+        out.append(Scene(shape, colour, position, SIZE_NAMES[(i + i // len(triples)) % 2],
+                         backgrounds[(5 * i + i // len(triples)) % len(backgrounds)], float(dx), float(dy),
+                         float(scale), style="outline"))
+    return out
+
+
+def write_dataset(scenes: list[Scene], folder, size: int = 256) -> int:
+    """Each scene as ``NNNN.png`` with its caption in ``NNNN.txt``: the layout ``fluxframe train-lora`` reads."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        render(scene, size).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+    return len(scenes)
+
+
 def _polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]] | None:
     if shape == "triangle":  # equilateral, pointing up; its centroid is the circumcentre
         r = 0.6 * extent
@@ -171,16 +216,42 @@ def render(scene: Scene, size: int = 256, *, supersample: int = 4):
     fx, fy = POSITIONS[scene.position][1]
     cx, cy = (fx + scene.dx) * big, (fy + scene.dy) * big
     extent = SIZES[scene.size] * scene.scale * big
-    fill = COLOURS[scene.colour]
-    if scene.shape == "circle":
-        r = extent / 2
+    if scene.style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {scene.style!r}")
+    _draw_shape(draw, scene.shape, cx, cy, extent, 0.0, COLOURS[scene.colour])
+    if scene.style == "outline":  # the same shape again, inset by the stroke, in the background's colour
+        _draw_shape(draw, scene.shape, cx, cy, extent, OUTLINE_WIDTH[scene.shape] * extent, COLOURS[scene.background])
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def _draw_shape(draw, shape: str, cx: float, cy: float, extent: float, inset: float, fill) -> None:
+    """The shape filled with ``fill``, its edge moved inwards by ``inset`` pixels (0: the shape itself)."""
+    if shape == "circle":
+        r = extent / 2 - inset
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene.shape == "square":
-        h = 0.43 * extent
+    elif shape == "square":
+        h = 0.43 * extent - inset
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
     else:
-        draw.polygon(_polygon(scene.shape, cx, cy, extent), fill=fill)
-    return image.resize((size, size), Image.Resampling.BOX)
+        draw.polygon(_inset(_polygon(shape, cx, cy, extent), inset), fill=fill)
+
+
+def _inset(points: list[tuple[float, float]], distance: float) -> list[tuple[float, float]]:
+    """The polygon whose every edge is moved ``distance`` towards the inside (each vertex where its two moved edges
+    meet): a stroke of constant width along convex and concave corners alike."""
+    if distance == 0:
+        return points
+    pts = np.asarray(points, dtype=np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    orientation = np.sign(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))  # signed area's sign
+    edges = np.roll(pts, -1, axis=0) - pts  # edge i runs from vertex i to vertex i+1
+    normals = orientation * np.stack([-edges[:, 1], edges[:, 0]], 1) / np.linalg.norm(edges, axis=1)[:, None]
+    offsets = np.einsum("ij,ij->i", normals, pts) + distance  # edge i moved: normals[i] . p = offsets[i]
+    out = []
+    for i in range(len(pts)):
+        a = np.stack([normals[i - 1], normals[i]])
+        out.append(tuple(np.linalg.solve(a, [offsets[i - 1], offsets[i]])))
+    return out
 
 
 # --- measurement -----------------------------------------------------------------------------------------------------
@@ -201,6 +272,8 @@ class Analysis:
     disk_overlap: float  # intersection over union with the disk of the region's area, centred on its centroid
     square_overlap: float  # the same with the axis-aligned square of its area
     rgb: tuple[int, int, int]
+    hollow: float = math.nan  # the share of the region's outline-enclosed area that is background (holes filled in)
+    style: str | None = None  # "outline" where hollow > HOLLOW_CUT, else "filled"
 
 
 def nearest_colour(rgb) -> str:
@@ -313,8 +386,55 @@ def _template_overlaps(mask: np.ndarray, cx: float, cy: float) -> tuple[float, f
     return overlap(dx * dx + dy * dy <= area / math.pi), overlap((np.abs(dx) <= half_side) & (np.abs(dy) <= half_side))
 
 
+def _grow(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """``mask`` dilated by a 3×3 square ``steps`` times (nothing wraps around the image's edges)."""
+    out = mask.copy()
+    for _ in range(steps):
+        g = out.copy()
+        g[1:] |= out[:-1]
+        g[:-1] |= out[1:]
+        out = g.copy()
+        out[:, 1:] |= g[:, :-1]
+        out[:, :-1] |= g[:, 1:]
+    return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every part of its complement that no 4-connected path links to the image's border added."""
+    free = ~mask
+    outside = np.zeros_like(mask)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        outside[edge] = free[edge]
+    while True:  # flood the background from the border
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= free
+        if np.array_equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
+def enclosed_region(mask: np.ndarray, bridge: int = 3) -> np.ndarray:
+    """The shape's region with whatever its outline encloses filled in: ``mask`` closed by ``bridge`` pixels (so a
+    gap of up to about 2·bridge pixels in a drawn ring still encloses), its holes filled, the closing undone."""
+    closed = _fill_holes(_grow(mask, bridge))
+    return mask | ~_grow(~closed, bridge)
+
+
+def hollowness(mask: np.ndarray) -> tuple[float, np.ndarray]:
+    """(share of the enclosed region that is not the shape, the enclosed region): about 0 for a filled shape, and
+    for an outline the area of its hole against the whole (0.5 for a ring a sixth as wide as the disk)."""
+    region = enclosed_region(mask)
+    return 1.0 - float(mask.sum()) / max(float(region.sum()), 1.0), region
+
+
 def analyse(image, threshold: float = 60.0) -> Analysis:
-    """Read background colour, shape colour, position, size and shape from an RGB image (PIL or H×W×3 uint8)."""
+    """Read background colour, shape colour, position, size, shape and style (filled or outline) from an RGB image
+    (PIL or H×W×3 uint8). An outline's colour is that of its stroke; its position, size and shape are read from the
+    region it encloses (so a ring reads as a circle, at its centre)."""
     pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     h, w = pixels.shape[:2]
     mask, background = shape_region(pixels, threshold)
@@ -323,8 +443,17 @@ def analyse(image, threshold: float = 60.0) -> Analysis:
     if area < 0.002 * h * w:
         return Analysis(bg_name, None, None, None, None, area / (h * w), (math.nan, math.nan), math.nan, math.nan,
                         math.nan, math.nan, (0, 0, 0))
-    ys, xs = np.nonzero(mask)
     rgb = np.median(pixels[mask].astype(np.float64), axis=0)
+    hollow, region = hollowness(mask)
+    style = "outline" if hollow > HOLLOW_CUT else "filled"
+    if style == "outline":
+        # a thin stroke is mostly edge, where the colour blends into the background: its colour is the median of
+        # the half of its pixels furthest from the background; and the shape is what the stroke encloses
+        stroke = pixels[mask].astype(np.float64)
+        distance = np.sqrt(((stroke - background) ** 2).sum(-1))
+        rgb = np.median(stroke[distance >= np.median(distance)], axis=0)
+        mask, area = region, int(region.sum())
+    ys, xs = np.nonzero(mask)
     cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
     disk_overlap, square_overlap = _template_overlaps(mask, cx * w, cy * h)
     box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
@@ -336,7 +465,7 @@ def analyse(image, threshold: float = 60.0) -> Analysis:
         shape=classify_shape(solidity, fill, disk_overlap, square_overlap),
         size="large" if extent > SIZE_CUT else "small", area=area / (h * w), centroid=(float(cx), float(cy)),
         solidity=float(solidity), fill=float(fill), disk_overlap=disk_overlap, square_overlap=square_overlap,
-        rgb=tuple(int(round(v)) for v in rgb),
+        rgb=tuple(int(round(v)) for v in rgb), hollow=hollow, style=style,
     )
 
 
