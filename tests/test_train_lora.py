@@ -297,3 +297,19 @@ def test_metadata_jsonl_and_its_errors(tmp_path):
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")
     with pytest.raises(TrainingError, match=r"metadata.jsonl:1: a.png: image without a caption"):
         train_lora.read_dataset(data)
+
+
+def test_every_linear_layer_trains_single_blocks_output_included(klein_folders, lora_host, tmp_path):
+    """The single blocks' output projection (diffusers' ``single_transformer_blocks.N.attn.to_out``), whose width
+    the DiT reads from the layer itself, trains like any other target and the file loads back."""
+    data = make_data(tmp_path / "data", colours=("green",))
+    out = tmp_path / "out.safetensors"
+    cfg = config(klein_folders["base"], tmp_path)
+    train_lora.train(cfg, data, out, host=lora_host,
+                     **{**OPTIONS, "steps": 2, "targets": ("to_out", "to_qkv_mlp_proj")})
+    from safetensors.torch import load_file
+
+    keys = load_file(out)
+    assert any(k.startswith("transformer.single_transformer_blocks.") and ".attn.to_out.lora_A" in k for k in keys)
+    styled = api.load(config(klein_folders["base"], tmp_path, lora=[{"path": str(out)}]), host=lora_host)
+    assert styled.stages.model.describe()["loras"][0]["layers"] > 0

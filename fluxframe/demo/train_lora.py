@@ -210,6 +210,8 @@ class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, loras: list[TrainedLora]):
         super().__init__()
         self.base, self.loras = base, loras
+        # the DiT reads a layer's widths in places (the single blocks' output projection): the wrapper keeps them
+        self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
