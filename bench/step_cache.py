@@ -1,10 +1,10 @@
 """What the step cache and compiled blocks buy (issue 28): measured, never asserted in tests.
 
 1. The demo model (models/shapes-v1, klein base: true CFG, the demo config's 24 steps at 256²) on the held-out
-   captions ``bench/demo_heldout.py`` grades (seeds 1000+), without a cache and with ``first-block`` at each
-   threshold: full DiT evaluations (true CFG: two a step) and denoising wall time relative to no cache, held-out
-   colour / position / shape accuracy (``fluxframe.demo.shapes.analyse``), and the mean absolute pixel difference
-   (0-255) from the uncached image of the same caption and seed.
+   captions ``bench/demo_heldout.py`` grades (seeds 1000+), without a cache and with ``first-block`` and
+   ``teacache`` at each of their thresholds: full DiT evaluations (true CFG: two a step) and denoising wall time
+   relative to no cache, held-out colour / position / shape accuracy (``fluxframe.demo.shapes.analyse``), and the
+   mean absolute pixel difference (0-255) from the uncached image of the same caption and seed.
 2. The tiny FLUX.2 preset (random weights) at 512²: the same counts, time and difference (no grading: its images
    are noise).
 3. ``[model] compile``: DiT forward time compiled / uncompiled on the demo model at 256² and the tiny preset at
@@ -38,7 +38,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", type=int, default=48, help="held-out captions (demo_heldout.py grades 48)")
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="first-block thresholds")
+    p.add_argument("--teacache-thresholds", type=float, nargs="*", default=[0.1, 0.2, 0.4],
+                   help="teacache thresholds (none: first-block only)")
     p.add_argument("--tiny-images", type=int, default=2)
     p.add_argument("--tiny-steps", type=int, default=12)
     p.add_argument("--reps", type=int, default=21, help="timed rounds (one forward each way) per compile measurement")
@@ -55,8 +57,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _cache(threshold):
-    return None if threshold is None else {"method": "first-block", "threshold": threshold}
+def _cache(setting):
+    """None (no cache) or (method, threshold): the [sampler.cache] table."""
+    return None if setting is None else {"method": setting[0], "threshold": setting[1]}
+
+
+def _settings(args) -> list:
+    return [None, *(("first-block", t) for t in args.thresholds),
+            *(("teacache", t) for t in args.teacache_thresholds)]
 
 
 def _run(pipeline, requests, pictures=None):
@@ -77,8 +85,9 @@ def _run(pipeline, requests, pictures=None):
     return images, computed, total, seconds
 
 
-def _row(threshold, images, computed, total, seconds, base) -> dict:
-    row = {"threshold": threshold, "dit_evaluations": computed, "of": total,
+def _row(setting, images, computed, total, seconds, base) -> dict:
+    method, threshold = setting or (None, None)
+    row = {"method": method, "threshold": threshold, "dit_evaluations": computed, "of": total,
            "fewer_evaluations": round(total / computed, 2), "denoise_s": round(seconds, 1)}
     if base is not None:
         row["time_vs_uncached"] = round(seconds / base["seconds"], 3)
@@ -92,7 +101,7 @@ def bench_demo(args) -> list[dict]:
     scenes = shapes.held_out_scenes(args.captions)
     requests = [{"prompt": scene.caption, "seed": args.seed + i} for i, scene in enumerate(scenes)]
     rows, base = [], None
-    for threshold in [None, *args.thresholds]:
+    for threshold in _settings(args):
         pipeline, _ = demo_pipeline(DEMO_MODEL, cache=_cache(threshold))
         pictures = []
         images, computed, total, seconds = _run(pipeline, requests, pictures)
@@ -120,7 +129,7 @@ def bench_tiny(args) -> list[dict]:
     make = _tiny_pipeline(512, args.tiny_steps)
     requests = [{"prompt": "a red circle on a blue background", "seed": 10 + i} for i in range(args.tiny_images)]
     rows, base = [], None
-    for threshold in [None, *args.thresholds]:
+    for threshold in _settings(args):
         images, computed, total, seconds = _run(make(threshold), requests)
         rows.append(_row(threshold, images, computed, total, seconds, base))
         if base is None:
@@ -247,7 +256,8 @@ def main() -> int:
     args = parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "thresholds": args.thresholds, "captions": args.captions}
+    out = {"threads": args.threads, "thresholds": args.thresholds, "teacache_thresholds": args.teacache_thresholds,
+           "captions": args.captions}
     if "demo" not in args.skip:
         out["demo"] = bench_demo(args)
     if "tiny" not in args.skip:

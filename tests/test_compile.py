@@ -61,14 +61,15 @@ def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_in
 
 
 @pytest.mark.slow_compile
-@pytest.mark.parametrize("strategy", ["group-offload", "model-offload"])
-def test_compiled_blocks_compose_with_offloading_and_the_step_cache(counting_inductor, strategy):
+@pytest.mark.parametrize("strategy, method", [("group-offload", "first-block"), ("model-offload", "teacache")])
+def test_compiled_blocks_compose_with_offloading_and_the_step_cache(counting_inductor, strategy, method):
     """group-offload's hooks onload and offload a block's weights around its call: they run eagerly around the
-    compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one; the
-    first-block cache (forced to reuse every step it may) runs the compiled first block as its probe."""
+    compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one; a
+    step cache (forced to reuse every step it may) runs the compiled blocks on the steps it computes (first-block:
+    the compiled first block is its probe)."""
     from torch._dynamo.utils import counters
 
-    cache = {"method": "first-block", "threshold": 1.0}
+    cache = {"method": method, "threshold": 1.0}
     extra = {"memory": {"strategy": strategy}, "sampler": {**TINY["sampler"], "steps": 3, "cache": cache}}
     plain = api.load(api.parse_config({**TINY, **extra}))
     compiled = api.load(api.parse_config({**TINY, **extra, "model": {**TINY["model"], "compile": True}}))
