@@ -60,17 +60,28 @@ def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_in
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    from lora_helpers import write_peft_lora
+
+    return write_peft_lora(api.load(tiny()).stages.model.transformer,
+                           ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
+                           tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
 @pytest.mark.slow_compile
 @pytest.mark.parametrize("strategy, method", [("group-offload", "first-block"), ("model-offload", "teacache")])
-def test_compiled_blocks_compose_with_offloading_and_the_step_cache(counting_inductor, strategy, method):
+def test_compiled_blocks_compose_with_offloading_a_lora_and_the_step_cache(counting_inductor, lora_file, strategy,
+                                                                            method):
     """group-offload's hooks onload and offload a block's weights around its call: they run eagerly around the
-    compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one; a
-    step cache (forced to reuse every step it may) runs the compiled blocks on the steps it computes (first-block:
-    the compiled first block is its probe)."""
+    compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one, with
+    a LoRA applied; a step cache (forced to reuse every step it may) runs the compiled blocks on the steps it
+    computes (first-block: the compiled first block is its probe)."""
     from torch._dynamo.utils import counters
 
     cache = {"method": method, "threshold": 1.0}
-    extra = {"memory": {"strategy": strategy}, "sampler": {**TINY["sampler"], "steps": 3, "cache": cache}}
+    extra = {"memory": {"strategy": strategy}, "sampler": {**TINY["sampler"], "steps": 3, "cache": cache},
+             "lora": [{"path": str(lora_file), "weight": 0.8}]}
     plain = api.load(api.parse_config({**TINY, **extra}))
     compiled = api.load(api.parse_config({**TINY, **extra, "model": {**TINY["model"], "compile": True}}))
     for pipeline in (plain, compiled):
