@@ -199,7 +199,12 @@ class Flux1Transformer(nn.Module):
         if not self.double_blocks:  # nothing to probe with: every step runs in full
             return self.final_layer(cache.run(stream, None, img, lambda rows: self._blocks(img, txt, vec, rope)), vec)
         if getattr(cache, "probe", "first-block") == "modulated-input":  # TeaCache: no block runs to decide
-            ((shift, scale, _), _) = self.double_blocks[0].img_mod(vec)
+            img_mod = self.double_blocks[0].img_mod  # Flex.2's modulation lives in the block (FLUX.2's does not)
+            if any(p.device != vec.device for p in img_mod.parameters()):
+                raise RuntimeError("teacache reads the first double block's modulation before any block runs, but "
+                                   "an offloading strategy keeps that block off the device: keep it resident "
+                                   "(group-offload resident_blocks = 1) or use method = \"first-block\"")
+            ((shift, scale, _), _) = img_mod(vec)
             first, start, probe = 0, img, modulate(img, shift, scale, EPS)
         else:
             first, (start, txt) = 1, self.double_blocks[0](img, txt, vec, rope)
