@@ -60,6 +60,51 @@ def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_in
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    from lora_helpers import write_peft_lora
+
+    return write_peft_lora(api.load(tiny()).stages.model.transformer,
+                           ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
+                           tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+@pytest.mark.slow_compile
+@pytest.mark.parametrize("strategy, method", [("group-offload", "first-block"), ("model-offload", "teacache")])
+def test_compiled_blocks_compose_with_offloading_a_lora_and_the_step_cache(counting_inductor, lora_file, strategy,
+                                                                            method):
+    """group-offload's hooks onload and offload a block's weights around its call: they run eagerly around the
+    compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one, with
+    a LoRA applied; a step cache (forced to reuse every step it may) runs the compiled blocks on the steps it
+    computes (first-block: the compiled first block is its probe)."""
+    from torch._dynamo.utils import counters
+
+    cache = {"method": method, "threshold": 1.0}
+    extra = {"memory": {"strategy": strategy}, "sampler": {**TINY["sampler"], "steps": 3, "cache": cache},
+             "lora": [{"path": str(lora_file), "weight": 0.8}]}
+    plain = api.load(api.parse_config({**TINY, **extra}))
+    compiled = api.load(api.parse_config({**TINY, **extra, "model": {**TINY["model"], "compile": True}}))
+    for pipeline in (plain, compiled):
+        pipeline.stages.cache.threshold = 1e9  # no config may say this: reuse every step after the first
+    probe_frames = counting_inductor.frame_count
+    counters.clear()
+    for seed in (1, 2):
+        request = api.GenerationRequest(prompt="a cat", seed=seed)
+        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
+        assert got.compile["enabled"] is True
+        assert got.step_cache == want.step_cache and got.step_cache["reused"] == 2
+        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
+            (got.latents - want.latents).abs().max()
+    assert counting_inductor.frame_count - probe_frames == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    memory = compiled.stages.model.memory
+    assert memory.stats["onloads"] > 0  # the weights did move
+    if strategy == "group-offload":  # each block group onloaded before its first block, offloaded after its last
+        assert not any(group.on_device for group in memory.groups)
+        assert memory.stats["onloads"] == memory.stats["offloads"]
+
+
 def test_without_a_working_compiler_the_blocks_run_uncompiled_and_the_result_says_so(monkeypatch, caplog):
     def broken(gm, example_inputs):
         raise RuntimeError("no C++ compiler found")

@@ -17,7 +17,7 @@ from PIL import Image
 from fluxframe import api
 from fluxframe.core.hookspecs import hookimpl
 from fluxframe.errors import ConfigError
-from fluxframe.plugins.stepcache import FirstBlockCache, FirstBlockRun
+from fluxframe.plugins.stepcache import FirstBlockCache, FirstBlockRun, TeaCache
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
@@ -29,8 +29,11 @@ def tiny(cache=None, **extra):
     return api.parse_config({**TINY, "sampler": sampler, **extra})
 
 
-def first_block(threshold):
-    return {"method": "first-block", "threshold": threshold}
+def first_block(threshold, method="first-block"):
+    return {"method": method, "threshold": threshold}
+
+
+METHODS = ["first-block", "teacache"]
 
 
 def force_threshold(pipeline, threshold):
@@ -65,12 +68,13 @@ def uncached():
     return api.load(tiny()).generate(api.GenerationRequest(prompt="a cat"), write=False)
 
 
-def test_a_threshold_near_zero_reuses_nothing_and_equals_uncached_exactly(uncached):
-    result = api.load(tiny(first_block(1e-9))).generate(api.GenerationRequest(prompt="a cat"), write=False)
-    assert result.step_cache == {"method": "first-block", "threshold": 1e-9, "steps": 6, "computed": 6, "reused": 0}
+@pytest.mark.parametrize("method", METHODS)
+def test_a_threshold_near_zero_reuses_nothing_and_equals_uncached_exactly(uncached, method):
+    result = api.load(tiny(first_block(1e-9, method))).generate(api.GenerationRequest(prompt="a cat"), write=False)
+    assert result.step_cache == {"method": method, "threshold": 1e-9, "steps": 6, "computed": 6, "reused": 0}
     assert torch.equal(result.latents, uncached.latents)
     assert np.array_equal(np.asarray(result.image), np.asarray(uncached.image))
-    assert "step cache first-block: 6 DiT evaluations computed, 0 reused" in result.notes
+    assert f"step cache {method}: 6 DiT evaluations computed, 0 reused" in result.notes
 
 
 def test_no_cache_leaves_the_result_without_a_record(uncached):
@@ -78,8 +82,9 @@ def test_no_cache_leaves_the_result_without_a_record(uncached):
     assert not any("step cache" in note for note in uncached.notes)
 
 
-def test_a_large_threshold_reuses_steps_and_counts_them(uncached, calls):
-    pipeline = force_threshold(api.load(tiny(first_block(1.0))), 1e9)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_large_threshold_reuses_steps_and_counts_them(uncached, calls, method):
+    pipeline = force_threshold(api.load(tiny(first_block(1.0, method))), 1e9)
     result = pipeline.generate(api.GenerationRequest(prompt="a cat"), write=False)
     # The first step has nothing to reuse; every later one reuses (the threshold cannot be missed).
     assert calls == [("positive", True)] + [("positive", False)] * 5
@@ -165,6 +170,40 @@ def test_only_the_images_that_changed_run_the_remaining_blocks():
     assert asked[-1] == [0]
 
 
+def test_teacache_sums_the_step_to_step_change_and_restarts_at_a_full_step():
+    run = TeaCache(0.1).start(1)
+    hidden = torch.ones(1, 4, 8)
+    ran = []
+
+    def rest(rows):
+        ran.append(True)
+        return hidden * 3
+
+    # each step's probe moves by 4 % of the last one: the sum passes 0.1 at the third step after a full one
+    probes = [torch.full((1, 4, 8), 1.04 ** i) for i in range(8)]
+    for i, probe in enumerate(probes):
+        out = run.run("positive", probe, hidden, rest)
+        assert torch.equal(out, hidden * 3)  # a reused step adds the stored residual (2) to the input
+    assert len(ran) == 3  # steps 0, 3 (0.04 + 0.04 + 0.04 > 0.1) and 6
+    assert run.counts() == [{"computed": 3, "reused": 5}]
+    run.invalidate([0])  # conditioning changed: the next step is computed in full, the sum starts again
+    run.run("positive", probes[-1], hidden, rest)
+    assert len(ran) == 4 and run.streams["positive"].accumulated == [0.0]
+
+
+def test_teacache_runs_no_block_on_a_reused_step(monkeypatch):
+    from fluxframe.plugins.flux2.transformer import DoubleBlock, SingleBlock
+
+    pipeline = force_threshold(api.load(tiny(first_block(1.0, "teacache"))), 1e9)
+    called = []
+    for cls in (DoubleBlock, SingleBlock):
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _o=original, **k: called.append(1) or _o(self, *a, **k))
+    result = pipeline.generate(api.GenerationRequest(prompt="a cat"), write=False)
+    assert result.step_cache["computed"] == 1 and result.step_cache["reused"] == 5
+    assert len(called) == 4  # the tiny DiT's 2 double and 2 single blocks, on the first step only
+
+
 @pytest.fixture(scope="module")
 def flex2_folder(tmp_path_factory):
     from flex2_helpers import build_flux_folder
@@ -178,12 +217,13 @@ def flex2_folder(tmp_path_factory):
     return build_flux_folder(root), image, mask
 
 
-def test_flex2_never_reuses_across_the_step_where_control_switches_off(flex2_folder, calls):
+@pytest.mark.parametrize("method", METHODS)
+def test_flex2_never_reuses_across_the_step_where_control_switches_off(flex2_folder, calls, method):
     folder, image, mask = flex2_folder
     config = api.parse_config({"model": {"family": "flex2", "path": str(folder), "dtype": "float32",
                                          "device": "cpu"},
                                "sampler": {"steps": 6, "width": 64, "height": 64, "seed": 3,
-                                           "cache": first_block(1.0)}})
+                                           "cache": first_block(1.0, method)}})
     pipeline = force_threshold(api.load(config), 1e9)
     request = api.GenerationRequest(prompt="a cat", conditioning={
         "inpaint": {"image": image, "mask": mask}, "control": {"image": image, "stop": 0.5}})
@@ -193,12 +233,13 @@ def test_flex2_never_reuses_across_the_step_where_control_switches_off(flex2_fol
     assert result.step_cache["computed"] == 2 and result.step_cache["reused"] == 4
 
 
-def test_flex2_without_a_switch_reuses_from_the_second_step(flex2_folder, calls):
+@pytest.mark.parametrize("method", METHODS)
+def test_flex2_without_a_switch_reuses_from_the_second_step(flex2_folder, calls, method):
     folder, image, mask = flex2_folder
     config = api.parse_config({"model": {"family": "flex2", "path": str(folder), "dtype": "float32",
                                          "device": "cpu"},
                                "sampler": {"steps": 4, "width": 64, "height": 64, "seed": 3,
-                                           "cache": first_block(1e-9)}})
+                                           "cache": first_block(1e-9, method)}})
     pipeline = api.load(config)
     request = api.GenerationRequest(prompt="a cat", conditioning={"control": {"image": image, "stop": 1.0}})
     exact = pipeline.generate(request, write=False)
@@ -219,14 +260,15 @@ def lora_file(tmp_path_factory):
                            tmp_path_factory.mktemp("lora") / "style.safetensors")
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("strategy", ["quantize+group-offload", "group-offload", "quantize"])
-def test_composes_with_a_lora_quantize_and_group_offload(lora_file, strategy):
+def test_composes_with_a_lora_quantize_and_group_offload(lora_file, strategy, method):
     extra = {"lora": [{"path": str(lora_file), "weight": 0.8}], "memory": {"strategy": strategy}}
     request = api.GenerationRequest(prompt="a cat")
     plain = api.load(tiny(**extra)).generate(request, write=False)
-    exact = api.load(tiny(first_block(1e-9), **extra)).generate(request, write=False)
+    exact = api.load(tiny(first_block(1e-9, method), **extra)).generate(request, write=False)
     assert torch.equal(exact.latents, plain.latents)
-    pipeline = force_threshold(api.load(tiny(first_block(1.0), **extra)), 1e9)
+    pipeline = force_threshold(api.load(tiny(first_block(1.0, method), **extra)), 1e9)
     cached = pipeline.generate(request, write=False)
     assert cached.step_cache["computed"] == 1 and cached.step_cache["reused"] == 5
     assert torch.isfinite(cached.latents).all()
@@ -254,12 +296,13 @@ def certs(tmp_path_factory):
     return make_dev_certificates(tmp_path_factory.mktemp("certs"))
 
 
-def test_settings_and_counts_reach_the_audit_line_and_the_c2pa_assertion(tmp_path, certs):
+@pytest.mark.parametrize("method", METHODS)
+def test_settings_and_counts_reach_the_audit_line_and_the_c2pa_assertion(tmp_path, certs, method):
     from fluxframe.provenance.verify import verify
 
     config = api.parse_config({
         "model": TINY["model"],
-        "sampler": {"steps": 3, "width": 256, "height": 256, "seed": 2, "cache": first_block(1.0)},
+        "sampler": {"steps": 3, "width": 256, "height": 256, "seed": 2, "cache": first_block(1.0, method)},
         "output": {"dir": str(tmp_path / "out")},
         "safety": {"require": [], "audit_log": str(tmp_path / "audit.jsonl")},
         "provenance": {"watermark": {"method": "dwtDct"},
@@ -267,7 +310,7 @@ def test_settings_and_counts_reach_the_audit_line_and_the_c2pa_assertion(tmp_pat
     })
     result = api.load(config).generate(api.GenerationRequest(prompt="a red circle"))
     expected = result.step_cache
-    assert expected["method"] == "first-block" and expected["threshold"] == 1.0 and expected["steps"] == 3
+    assert expected["method"] == method and expected["threshold"] == 1.0 and expected["steps"] == 3
     assert expected["computed"] + expected["reused"] == 3
     record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert record["step_cache"] == expected == result.audit["step_cache"]
@@ -291,6 +334,10 @@ def test_without_a_cache_the_audit_line_and_assertion_have_no_step_cache(tmp_pat
     ({"method": "first-block", "threshold": "small"}, "sampler.cache.threshold"),
     ({"method": "first-block", "threshold": True}, "sampler.cache.threshold"),
     ({"method": "first-block", "treshold": 0.1}, "sampler.cache.treshold"),
+    ({"method": "teacache", "threshold": 0}, "sampler.cache.threshold"),
+    ({"method": "teacache", "threshold": 2.0}, "sampler.cache.threshold"),
+    ({"method": "teacache", "threshold": "small"}, "sampler.cache.threshold"),
+    ({"method": "teacache", "rescale": [1, 2]}, "sampler.cache.rescale"),
     ({"method": "tea-leaves"}, "sampler.cache.method"),
     ({"threshold": 0.1}, "sampler.cache.method"),
 ])

@@ -239,6 +239,12 @@ class StepCacheRun(ABC):
     the batch and per ``stream`` (the positive and the negative pass of true CFG each keep their own), it decides
     whether the DiT's remaining blocks run or their residual from the last fully computed step is reused."""
 
+    #: What the model family probes with: "first-block" — it runs the first double block and hands ``run`` that
+    #: block's residual as the probe, its output as ``hidden`` and the remaining blocks as ``rest``;
+    #: "modulated-input" — it runs no block first and hands the first double block's timestep-modulated image input
+    #: as the probe, the blocks' input as ``hidden`` and all the blocks as ``rest``.
+    probe: ClassVar[str] = "first-block"
+
     @abstractmethod
     def run(self, stream: str, probe: torch.Tensor | None, hidden: torch.Tensor,
             rest: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:

@@ -33,6 +33,7 @@ def register_samplers(register):
 
 @hookimpl(trylast=True)
 def register_step_caches(register):
-    from .stepcache import FirstBlockCache
+    from .stepcache import FirstBlockCache, TeaCache
 
     register("first-block", FirstBlockCache)
+    register("teacache", TeaCache)

@@ -1,9 +1,12 @@
-"""``[model] compile = true``: regional compilation of a DiT. Each block of ``double_blocks`` and ``single_blocks`` is
-compiled with ``torch.compile`` (``nn.Module.compile``); torch inlines the block's modules and treats their weights
+"""``[model] compile = true``: regional compilation of a DiT. The ``forward`` of each block of ``double_blocks`` and
+``single_blocks`` is compiled with ``torch.compile``; torch inlines the block's modules and treats their weights
 as inputs, so all the blocks of one class share one compiled graph: a class compiles once, on its first call, and
-steps, seeds and same-shaped batches reuse it. The rest of the model (embedders, modulation, final layer: a few
-percent of the work) stays eager, and so does FLUX.2's last single block, whose forward takes the text-token skip
-(a different graph it would compile for one call a step).
+steps, seeds and same-shaped batches reuse it. Only ``forward`` is compiled, not the module call
+(``nn.Module.compile`` would compile ``_call_impl``): forward hooks — ``group-offload``'s onload and offload of a
+block's weights — run eagerly around the compiled graph instead of being traced into it, where their
+``tensor.data`` swaps split the graph into pieces (graph breaks). The rest of the model (embedders, modulation,
+final layer: a few percent of the work) stays eager, and so does FLUX.2's last single block, whose forward takes
+the text-token skip (a different graph it would compile for one call a step).
 
 Before compiling, a two-line function is compiled and run on the model's device: where that fails (no C++
 compiler for inductor on the CPU, no triton on CUDA, a torch built without dynamo), the blocks run uncompiled and
@@ -62,6 +65,6 @@ def compile_blocks(transformer: nn.Module, device: torch.device) -> dict[str, An
     for block in blocks:
         if any(block is b for b in skipping):
             continue
-        block.compile(backend=backend)
+        block.forward = torch.compile(block.forward, backend=backend)  # hooks stay outside (module docstring)
         counts[type(block).__name__] = counts.get(type(block).__name__, 0) + 1
     return {"enabled": True, "backend": name, "blocks": counts}

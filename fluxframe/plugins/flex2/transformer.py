@@ -182,8 +182,9 @@ class Flux1Transformer(nn.Module):
     def forward(self, img, img_ids, txt, txt_ids, pooled, timesteps, guidance=None, cache=None, stream="positive"):
         """img (B, N, in_channels), txt (B, L, joint_attention_dim), pooled (B, pooled_projection_dim),
         ids (N, 3) / (L, 3), timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales.
-        ``cache`` (a StepCacheRun): the first double block runs, then the cache decides, per image, whether the
-        other blocks run or their residual from the last full step of ``stream`` is reused."""
+        ``cache`` (a StepCacheRun): the first double block runs (or, for a cache probing the modulated input, its
+        timestep-modulated image input is computed), then the cache decides, per image, whether the other blocks
+        (all of them) run or their residual from the last full step of ``stream`` is reused."""
         dtype = self.dtype
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.guidance_in is not None:
@@ -197,15 +198,25 @@ class Flux1Transformer(nn.Module):
             return self.final_layer(self._blocks(img, txt, vec, rope), vec)
         if not self.double_blocks:  # nothing to probe with: every step runs in full
             return self.final_layer(cache.run(stream, None, img, lambda rows: self._blocks(img, txt, vec, rope)), vec)
-        probed, txt = self.double_blocks[0](img, txt, vec, rope)
+        if getattr(cache, "probe", "first-block") == "modulated-input":  # TeaCache: no block runs to decide
+            img_mod = self.double_blocks[0].img_mod  # Flex.2's modulation lives in the block (FLUX.2's does not)
+            if any(p.device != vec.device for p in img_mod.parameters()):
+                raise RuntimeError("teacache reads the first double block's modulation before any block runs, but "
+                                   "an offloading strategy keeps that block off the device: keep it resident "
+                                   "(group-offload resident_blocks = 1) or use method = \"first-block\"")
+            ((shift, scale, _), _) = img_mod(vec)
+            first, start, probe = 0, img, modulate(img, shift, scale, EPS)
+        else:
+            first, (start, txt) = 1, self.double_blocks[0](img, txt, vec, rope)
+            probe = start - img
 
         def rest(rows):
             def take(t):
                 return t if rows is None or t.shape[0] == 1 else t[rows]
 
-            return self._blocks(take(probed), take(txt), take(vec), rope, first=1)
+            return self._blocks(take(start), take(txt), take(vec), rope, first=first)
 
-        return self.final_layer(cache.run(stream, probed - img, probed, rest), vec)
+        return self.final_layer(cache.run(stream, probe, start, rest), vec)
 
     def _blocks(self, img, txt, vec, rope, first: int = 0):
         """The double blocks from ``first`` on, then the single blocks: the image tokens' hidden states."""

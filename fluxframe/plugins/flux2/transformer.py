@@ -247,8 +247,9 @@ class Flux2Transformer(nn.Module):
         timesteps and guidance (B,) as sigmas in [0, 1] and guidance scales. Returns (B, N, out).
         ``attn_bias`` (L + N,), if given, is added to every attention's logits per key (text keys first, then
         image keys, as the blocks order them); training uses it to let sampled padding keys stand for all.
-        ``cache`` (a StepCacheRun): the first double block runs, then the cache decides, per image, whether the
-        other blocks run or their residual from the last full step of ``stream`` is reused."""
+        ``cache`` (a StepCacheRun): the first double block runs (or, for a cache probing the modulated input, its
+        timestep-modulated image input is computed), then the cache decides, per image, whether the other blocks
+        (all of them) run or their residual from the last full step of ``stream`` is reused."""
         dtype = self.dtype
         cfg = self.config
         mask = None if attn_bias is None else attn_bias.to(dtype).view(1, 1, 1, -1)
@@ -271,17 +272,21 @@ class Flux2Transformer(nn.Module):
             hidden = cache.run(stream, None, img, lambda rows: self._blocks(img, txt, img_mod, txt_mod, single_mod,
                                                                            rope, mask))
         else:
-            probed, txt = self.double_blocks[0](img, txt, img_mod, txt_mod, rope, mask)
+            if getattr(cache, "probe", "first-block") == "modulated-input":  # TeaCache: no block runs to decide
+                first, start, probe = 0, img, modulate(img, *img_mod[0][:2], cfg.eps)
+            else:
+                first, (start, txt) = 1, self.double_blocks[0](img, txt, img_mod, txt_mod, rope, mask)
+                probe = start - img
 
             def rest(rows):
                 def take(t):
                     return t if rows is None or t.shape[0] == 1 else t[rows]
 
                 mods = [[tuple(take(t) for t in group) for group in kind] for kind in (img_mod, txt_mod)]
-                return self._blocks(take(probed), take(txt), *mods, tuple(take(t) for t in single_mod), rope, mask,
-                                    first=1)
+                return self._blocks(take(start), take(txt), *mods, tuple(take(t) for t in single_mod), rope, mask,
+                                    first=first)
 
-            hidden = cache.run(stream, probed - img, probed, rest)
+            hidden = cache.run(stream, probe, start, rest)
         return self.final_layer(hidden, vec, cfg.eps)
 
     def _blocks(self, img, txt, img_mod, txt_mod, single_mod, rope, mask, first: int = 0) -> torch.Tensor:
