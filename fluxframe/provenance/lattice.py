@@ -69,7 +69,7 @@ _WORK_EDGE = 512  # the working image's shorter edge is reduced by whole factors
 _CANDIDATES = 5
 _ASPECTS = (0.9, 1.0, 1.11)  # y period over x period, searched coarsely
 _REACH = 5  # lattice points counted up to this many periods along each basis vector
-_SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12: the mark's own message chips are the sync correlation's floor)
+_SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
 _POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
 _CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
 
