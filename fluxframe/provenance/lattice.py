@@ -41,7 +41,6 @@ from fluxframe.provenance.robust import (
     _bch,
     _blur,
     _gauss_transfer,
-    _luma,
     decode_word,
     encode_bits,
 )
@@ -68,7 +67,8 @@ _LAG_MIN = 24.0  # shortest tile period searched, pixels of the working image
 _WORK_EDGE = 512  # the working image's shorter edge is reduced by whole factors to at most about this
 _CANDIDATES = 5
 _ASPECTS = (0.9, 1.0, 1.11)  # y period over x period, searched coarsely
-_REACH = 5  # lattice points counted up to this many periods along each basis vector
+_REACH = 2  # the coarse search counts lattice points up to this many periods along each basis vector
+_REACH_FINE = 4  # ... and the refinement up to this many
 _SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
 _POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
 _CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
@@ -144,7 +144,9 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
     tile /= np.sqrt(np.mean(tile**2))
     size = tile.shape[0]
     pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
-    luma = _luma(rgb.astype(np.float32))
+    import cv2
+
+    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
     detail = luma - _blur(luma, 1.5)
     activity = np.sqrt(_blur(detail * detail, 4.0))
     amplitude = np.clip(_AMP_FLAT + _AMP_GAIN * activity, _AMP_FLAT, _AMP_MAX)
@@ -207,7 +209,7 @@ def _autocorrelation(residual: np.ndarray) -> np.ndarray:
     power = spectrum.real**2 + spectrum.imag**2
     auto = np.fft.irfft2(power * _gauss_transfer(residual.shape, 1.2).astype(np.float32), s=residual.shape)
     auto /= float(power.sum()) / power.size * 2 + 1e-12
-    return auto
+    return auto.astype(np.float32)
 
 
 def _points(reach: int) -> tuple[np.ndarray, np.ndarray]:
@@ -296,9 +298,11 @@ def _refine(auto: np.ndarray, base: np.ndarray, reach: int) -> np.ndarray:
     return base
 
 
-def _fold(residual: np.ndarray, v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
+def _fold(residual: np.ndarray, v1: np.ndarray, v2: np.ndarray, count: np.ndarray | None = None,
+          ) -> tuple[np.ndarray, np.ndarray]:
     """The residual resampled into the tile's frame (tile-frame point q ↦ image point A·q, A's columns v1/TILE
-    and v2/TILE) and averaged modulo the tile; parts of the frame outside the image count as missing."""
+    and v2/TILE) and averaged modulo the tile; parts of the frame outside the image count as missing. Returns the
+    fold and the count of samples per tile pixel (``count``: reuse one, for a lattice barely different)."""
     import cv2
 
     a = np.stack([v1, v2], axis=1) / TILE  # image (x, y) = a @ (u, v)
@@ -312,16 +316,18 @@ def _fold(residual: np.ndarray, v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     rows, cols = -(-out_h // TILE), -(-out_w // TILE)
     warped = np.zeros((rows * TILE, cols * TILE), np.float32)
-    mask = np.zeros_like(warped)
     cv2.warpAffine(residual, matrix, (out_w, out_h), dst=warped[:out_h, :out_w], flags=flags,
-                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    cv2.warpAffine(np.ones_like(residual), matrix, (out_w, out_h), dst=mask[:out_h, :out_w], flags=flags,
                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     def fold(plane: np.ndarray) -> np.ndarray:
         return plane.reshape(rows, TILE, cols * TILE).sum(axis=0).reshape(TILE, cols, TILE).sum(axis=1)
 
-    return fold(warped).astype(np.float64) / np.maximum(fold(mask).astype(np.float64), 1.0)
+    if count is None:
+        mask = np.zeros_like(warped)
+        cv2.warpAffine(np.ones_like(residual), matrix, (out_w, out_h), dst=mask[:out_h, :out_w], flags=flags,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        count = np.maximum(fold(mask).astype(np.float64), 1.0)
+    return fold(warped).astype(np.float64) / count, count
 
 
 def _polish(residual: np.ndarray, best: tuple) -> tuple:
@@ -337,10 +343,10 @@ def _polish(residual: np.ndarray, best: tuple) -> tuple:
                 for sign in (-1.0, 1.0):
                     basis = best[3].copy()
                     basis[axis] += sign * size
-                    folded = _fold(residual, basis[:2], basis[2:])
+                    folded, _ = _fold(residual, basis[:2], basis[2:], best[4])
                     confidence, offset = _sync(folded)
                     if confidence > best[0]:
-                        best, improved = (confidence, offset, folded, basis), True
+                        best, improved = (confidence, offset, folded, basis, best[4]), True
     return best
 
 
@@ -370,21 +376,21 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None 
     unknown to a detector, so a 1024² image resized to half reads scale 1.0 against the 512² tile; see
     ``tile_scale``)."""
     height, width = rgb.shape[:2]
-    luma = _luma(rgb.astype(np.float32))
+    import cv2
+
+    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)  # 0.299 R + 0.587 G + 0.114 B
     shrink = max(1, min(height, width) // _WORK_EDGE)
     if shrink > 1:
-        import cv2
-
         luma = cv2.resize(luma, (width // shrink, height // shrink), interpolation=cv2.INTER_AREA)
     residual = _whiten(luma)
     auto = _autocorrelation(residual)
     best = None
     for candidate in _lattices(auto):
-        basis = _refine(auto, candidate, _REACH)
-        folded = _fold(residual, basis[:2], basis[2:])
+        basis = _refine(auto, candidate, _REACH_FINE)
+        folded, count = _fold(residual, basis[:2], basis[2:])
         confidence, offset = _sync(folded)
         if best is None or confidence > best[0]:
-            best = (confidence, offset, folded, basis)
+            best = (confidence, offset, folded, basis, count)
         if confidence >= _SURE:
             break
     if best is not None and best[0] >= _POLISH:
@@ -392,7 +398,7 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None 
     result: dict[str, Any] = {"confidence": 0.0, "rotation": None, "scale": None, "offset": None, "words": {}}
     if best is None:
         return result
-    confidence, offset, folded, basis = best
+    confidence, offset, folded, basis, _ = best
     v1, v2 = basis[:2], basis[2:]
     base = tile_scale(width, height) if base_scale is None else base_scale
     rotation, scale = _geometry(v1, v2, shrink, base)
