@@ -4,7 +4,7 @@ change) — from the autocorrelation before it reads the message.
 
 * **The tile.** A 64×64-pixel tile is a 16×16 grid of 4×4-pixel chips, each +1 or -1, smoothed cyclically
   (σ = 1 px). A fixed, pseudo-random quarter of the chips is the synchronisation pattern; the other 192 carry
-  the message, BCH-coded (``fluxframe.provenance.robust``'s code: for 48 bits, 77 check bits and up to 11 bit
+  the message, BCH-coded (``fluxframe.provenance.robust``'s code: for 48 bits, 77 check bits and up to 12 bit
   errors corrected), each coded bit on one or two chips multiplied by a pseudo-random ±1 sequence. The tile
   repeats over the whole image, at k times its size where the shorter edge is about k·640 px (1024² carries a
   128-px tile), so that detection can work on a k-times smaller copy and a platform's downscale keeps it.
