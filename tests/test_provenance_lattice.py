@@ -64,15 +64,16 @@ def test_psnr_stays_at_least_38_and_40_on_average(marked):
     assert min(values) >= 38.0 and np.mean(values) >= 40.0, values
 
 
-@pytest.mark.parametrize(("attack", "rotation", "scale"), [
-    (rb.rotate(3.0), 3.0, (1.0, 1.0)),
-    (rb.rotate(-7.0), -7.0, (1.0, 1.0)),
-    (rb.aspect(0.9, 1.0), 0.0, (0.9, 1.0)),
-    (rb.resize(1.5), 0.0, (1.5, 1.5)),
-    (rb.chain(rb.rotate(2.0), rb.aspect(0.9, 1.0)), None, None),  # sheared: detected, geometry not checked
+@pytest.mark.parametrize(("size", "attack", "rotation", "scale"), [
+    ((512, 512), rb.rotate(3.0), 3.0, (1.0, 1.0)),
+    ((512, 512), rb.rotate(-7.0), -7.0, (1.0, 1.0)),
+    ((512, 512), rb.aspect(0.9, 1.0), 0.0, (0.9, 1.0)),
+    # 384 px: the size of an image whose own mark has the base tile, so the scale is the resize itself
+    ((256, 256), rb.resize(1.5), 0.0, (1.5, 1.5)),
+    ((512, 512), rb.chain(rb.rotate(2.0), rb.aspect(0.9, 1.0)), None, None),  # sheared: geometry not checked
 ])
-def test_rotation_and_scale_estimates(marked, attack, rotation, scale):
-    found = wm.match(attack(marked[(512, 512), "rocket"]), {"fluxframe": MESSAGE}, method=RS)
+def test_rotation_and_scale_estimates(marked, size, attack, rotation, scale):
+    found = wm.match(attack(marked[size, "rocket"]), {"fluxframe": MESSAGE}, method=RS)
     assert found["detected"], found
     if rotation is not None:
         assert found["rotation"] == pytest.approx(rotation, abs=0.4)
