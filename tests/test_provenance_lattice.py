@@ -96,6 +96,13 @@ def test_unmarked_images_are_not_claimed():
         assert not found["detected"] and found["decoded"] is None, (name, found)
 
 
+def test_flat_images_decode_to_no_message():
+    """A flat image reads exact zeros; the all-zero word must not come back as the all-zero message."""
+    for size in ((256, 256), (384, 256), (1024, 1024)):
+        read = lattice.read(np.full((size[1], size[0], 3), 77, np.uint8), {48})
+        assert read["words"] == {} or read["words"][48]["message"] is None, read
+
+
 def test_old_marks_are_not_read_as_fluxframe_rs():
     photo = rb.photo("camera", (768, 768))
     for method in (wm.ROBUST_METHOD, "dwtDct"):

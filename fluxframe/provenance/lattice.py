@@ -189,6 +189,10 @@ def _decode(soft: np.ndarray, length: int) -> tuple[str | None, int]:
     ``_CHASE`` least reliable bits flipped, hard-decoded in turn; of the codewords found, the one closest to the
     soft values. ``errors`` is its Hamming distance from the hard word (at most the code's t + ``_CHASE``)."""
     hard = soft > 0
+    if np.count_nonzero(soft == 0.0) > _bch(length).t:
+        # No signal at all (a flat image reads exact zeros): the all-zero word would "decode" to the all-zero
+        # message. Those bits are erasures, not zeros.
+        return None, -1
     order = np.argsort(np.abs(soft))[:_CHASE]
     best: tuple[float, str | None, int] = (-np.inf, None, -1)
     seen: set[str] = set()
