@@ -12,12 +12,12 @@ The set, generated deterministically each run (no image files are kept):
   ``microaneurysms``, ``logo``, ``horse``, ``binary_blobs``, ``shepp_logan_phantom``, ``checkerboard``; not
   ``cat``, which is ``chelsea`` of the marked set), each cut at several boxes and sizes.
 
-Each image is read the way ``fluxframe verify`` reads it: ``fluxframe-rs`` and ``fluxframe-ss`` looking for fluxframe's message,
-``dwtDct`` for every message of ``watermark.KNOWN_MESSAGES``. Reported per method and per source: the images read,
-the false positives (any image claimed), the highest score against the threshold (``fluxframe-ss``: the sync
-confidence, threshold ``robust.CONFIDENCE_THRESHOLD``, and how many images the BCH code decoded to any message at
-all; ``dwtDct``: the bit agreement, threshold ``watermark.THRESHOLD``) and the false-match probability from the
-decision rule (see ``probabilities``).
+Each image is read the way ``fluxframe verify`` reads it: ``fluxframe-rs`` and ``fluxframe-ss`` looking for
+fluxframe's message, ``dwtDct`` for every message of ``watermark.KNOWN_MESSAGES``. Reported per method and per
+source: the images read, the false positives (any image claimed), the highest score against the threshold
+(``fluxframe-rs`` / ``-ss``: the sync confidence, threshold ``CONFIDENCE_THRESHOLD`` of ``lattice`` / ``robust``,
+and how many images the BCH code decoded to any message at all; ``dwtDct``: the bit agreement, threshold
+``watermark.THRESHOLD``) and the false-match probability from the decision rule (see ``probabilities``).
 
     .venv/bin/python bench/watermark_false_positives.py               # markdown, ~520 images
     .venv/bin/python bench/watermark_false_positives.py --demo 0 --tiny 0 --json
