@@ -12,12 +12,12 @@ The set, generated deterministically each run (no image files are kept):
   ``microaneurysms``, ``logo``, ``horse``, ``binary_blobs``, ``shepp_logan_phantom``, ``checkerboard``; not
   ``cat``, which is ``chelsea`` of the marked set), each cut at several boxes and sizes.
 
-Each image is read the way ``fluxframe verify`` reads it: ``fluxframe-ss`` looking for fluxframe's message,
-``dwtDct`` for every message of ``watermark.KNOWN_MESSAGES``. Reported per method and per source: the images read,
-the false positives (any image claimed), the highest score against the threshold (``fluxframe-ss``: the sync
-confidence, threshold ``robust.CONFIDENCE_THRESHOLD``, and how many images the BCH code decoded to any message at
-all; ``dwtDct``: the bit agreement, threshold ``watermark.THRESHOLD``) and the false-match probability from the
-decision rule (see ``probabilities``).
+Each image is read the way ``fluxframe verify`` reads it: ``fluxframe-rs`` and ``fluxframe-ss`` looking for
+fluxframe's message, ``dwtDct`` for every message of ``watermark.KNOWN_MESSAGES``. Reported per method and per
+source: the images read, the false positives (any image claimed), the highest score against the threshold
+(``fluxframe-rs`` / ``-ss``: the sync confidence, threshold ``CONFIDENCE_THRESHOLD`` of ``lattice`` / ``robust``,
+and how many images the BCH code decoded to any message at all; ``dwtDct``: the bit agreement, threshold
+``watermark.THRESHOLD``) and the false-match probability from the decision rule (see ``probabilities``).
 
     .venv/bin/python bench/watermark_false_positives.py               # markdown, ~520 images
     .venv/bin/python bench/watermark_false_positives.py --demo 0 --tiny 0 --json
@@ -39,12 +39,12 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing, when imported by a test
 from timing import timed_report  # noqa: E402
 
-from fluxframe.provenance import robust  # noqa: E402
+from fluxframe.provenance import lattice, robust  # noqa: E402
 from fluxframe.provenance import watermark as wm  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SEED = 26_000  # seeds of this set: none of the marked set's (0) or of unmarked_set's (1-3)
-METHODS = (wm.ROBUST_METHOD, "dwtDct")
+METHODS = (wm.LATTICE_METHOD, wm.ROBUST_METHOD, "dwtDct")
 SIZES = [(256, 256), (1024, 1024), (512, 512), (384, 256), (640, 480), (300, 700), (768, 768), (1000, 560)]
 #: scikit-image images that tests/robustness.py's marked set does not use (cat is chelsea, so it is left out).
 PHOTOS = ("page", "text", "microaneurysms", "logo", "horse", "binary_blobs", "shepp_logan_phantom", "checkerboard")
@@ -201,10 +201,10 @@ def sources(args) -> dict[str, Iterator[tuple[str, Image.Image]]]:
 def score(method: str, image) -> dict:
     """verify's reading of one image: ``{"detected", "score", "decoded"}`` (``decoded``: fluxframe-ss only, whether
     the BCH code decoded the word read at the best period to some message at all, whatever the confidence)."""
-    if method == wm.ROBUST_METHOD:
+    if method in wm.TILED:
         found = wm.match(image, {"fluxframe": wm.FLUXFRAME_MESSAGE}, method=method)
         # match drops the decoded message under the confidence threshold: read the word itself for "decoded".
-        word = robust.read(np.asarray(image.convert("RGB")), {len(wm.FLUXFRAME_MESSAGE)})["words"].get(
+        word = wm.TILED[method].read(np.asarray(image.convert("RGB")), {len(wm.FLUXFRAME_MESSAGE)})["words"].get(
             len(wm.FLUXFRAME_MESSAGE))
         return {"detected": bool(found["detected"]), "score": found["confidence"],
                 "decoded": word is not None and word["message"] is not None}
@@ -231,13 +231,18 @@ def probabilities() -> dict[str, dict]:
                            "rule": f"BCH word of {len(wm.FLUXFRAME_MESSAGE) + code.ecc_bits} bits within "
                                    f"{code.t} errors of fluxframe's codeword, and sync confidence ≥ "
                                    f"{robust.CONFIDENCE_THRESHOLD} (not counted)"},
+        wm.LATTICE_METHOD: {"probability": wm.lattice_false_match_probability(len(wm.FLUXFRAME_MESSAGE)),
+                            "rule": f"BCH word of {len(wm.FLUXFRAME_MESSAGE) + code.ecc_bits} bits within "
+                                    f"{code.t} + {lattice._CHASE} errors (Chase decoding) of fluxframe's codeword, "
+                                    f"and sync confidence ≥ {lattice.CONFIDENCE_THRESHOLD} (not counted)"},
     }
 
 
 def run(sets: dict[str, Iterator[tuple[str, Image.Image]]], methods) -> dict:
     """The figures: per method, overall and per source, images, false positives (names), highest score, and for
     fluxframe-ss how many words decoded to any message; per source the images and the seconds spent."""
-    thresholds = {wm.ROBUST_METHOD: robust.CONFIDENCE_THRESHOLD, "dwtDct": wm.THRESHOLD}
+    thresholds = {wm.LATTICE_METHOD: lattice.CONFIDENCE_THRESHOLD, wm.ROBUST_METHOD: robust.CONFIDENCE_THRESHOLD,
+                  "dwtDct": wm.THRESHOLD}
     per = {m: {"threshold": thresholds[m], "images": 0, "false_positives": [], "highest": None, "highest_image": None,
                "decoded_any": 0, "sources": {}} for m in methods}
     generation = {}
@@ -275,7 +280,7 @@ def markdown(figures: dict) -> str:
     lines.append("| method | images | false positives | highest score | threshold | false-match probability |")
     lines.append("|---|---|---|---|---|---|")
     for method, entry in figures["methods"].items():
-        label = "sync confidence" if method == wm.ROBUST_METHOD else "bit agreement"
+        label = "sync confidence" if method in wm.TILED else "bit agreement"
         highest = "–" if entry["highest"] is None else f"{entry['highest']:.2f}"
         p = entry["false_match_probability"]["probability"]
         lines.append(f"| {method} | {entry['images']} | {len(entry['false_positives'])} | {label} {highest} "
@@ -293,7 +298,7 @@ def markdown(figures: dict) -> str:
     for method, entry in figures["methods"].items():
         rule = entry["false_match_probability"]["rule"]
         extra = (f"; BCH decoded to some message on {entry['decoded_any']} of {entry['images']}"
-                 if method == wm.ROBUST_METHOD else "")
+                 if method in wm.TILED else "")
         lines.append(f"* {method}: rule {rule}{extra}.")
         for name in entry["false_positives"]:
             lines.append(f"  * FALSE POSITIVE: {name}")

@@ -1,17 +1,18 @@
 """Watermark robustness grid (issue 26, part 3): a Video Seal–style sweep of each attack's strength, per image size.
 
-For fluxframe's ``fluxframe-ss`` mark and the FLUX reference's ``dwtDct``, at each ``--sizes`` edge (square
-images; each method only where it marks: ``fluxframe-ss`` from ``robust.MIN_EDGE`` = 512 px per edge, ``dwtDct``
-from 256×256 pixels), over ``--images`` images of ``tests/robustness.py.marked_set`` (scikit-image photos and
+For fluxframe's ``fluxframe-rs`` mark (the default; ``fluxframe-ss``, its predecessor, on request) and the FLUX
+reference's ``dwtDct``, at each ``--sizes`` size (an edge for square images, or WIDTHxHEIGHT; each method only where
+it marks: ``fluxframe-rs`` from ``lattice.MIN_EDGE`` = 256 px per edge, ``fluxframe-ss`` from 512, ``dwtDct`` from
+256×256 pixels), over ``--images`` images of ``tests/robustness.py.sized_set`` (scikit-image photos and
 generated images, picked evenly from its 20), and each cell of ``tests/robustness.py.grid``: JPEG quality 40–90,
 centre crop and resize keeping 0.3–0.9 of each edge, rotation 1–10° (corners filled black), brightness 0.5–2.0,
-Gaussian blur, and JPEG 75 + crop 10 % all sides + resize 50 % together. Per cell: the bit accuracy before
-error correction (mean over the images the detector could read at all; 0.5 = chance), how many it could not read
-(too small, or no period found), and the message success rate, as ``bench/watermark_robustness.py`` counts it
-(``fluxframe-ss``: sync confidence over its threshold and the BCH-corrected message right; ``dwtDct``: claimed by
-``match``, ≥ 90 % of the bits).
+Gaussian blur, aspect change, and JPEG 75 + crop 10 % all sides + resize 50 % together. Per cell: the bit accuracy
+before error correction (mean over the images the detector could read at all; 0.5 = chance), how many it could not
+read (too small, or no period found), and the message success rate, as ``bench/watermark_robustness.py`` counts it
+(``fluxframe-rs`` / ``-ss``: sync confidence over its threshold and the BCH-corrected message right; ``dwtDct``:
+claimed by ``match``, ≥ 90 % of the bits).
 
-    .venv/bin/python bench/watermark_grid.py                          # markdown tables, 12 images, 256/512/1024
+    .venv/bin/python bench/watermark_grid.py               # markdown tables, 12 images, 256, 384x256, 512, 1024
     .venv/bin/python bench/watermark_grid.py --sizes 512 --images 4 --json
 """
 
@@ -31,27 +32,37 @@ import robustness as rb  # noqa: E402
 from timing import timed_report  # noqa: E402
 from watermark_robustness import MESSAGE, read  # noqa: E402
 
-from fluxframe.provenance import robust  # noqa: E402
 from fluxframe.provenance import watermark as wm  # noqa: E402
 
-METHODS = (wm.ROBUST_METHOD, "dwtDct")
+METHODS = (wm.LATTICE_METHOD, wm.ROBUST_METHOD, "dwtDct")
+DEFAULT_METHODS = (wm.LATTICE_METHOD, "dwtDct")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="square image edges")
+    p.add_argument("--sizes", nargs="+", default=["256", "384x256", "512", "1024"],
+                   help="square image edges, or WIDTHxHEIGHT")
     p.add_argument("--images", type=int, default=12, help="images per size (of the 20 of marked_set)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--markdown", action="store_true", help="print markdown tables (the default without --json)")
     return p.parse_args(argv)
 
 
-def marks(method: str, size: int) -> bool:
-    """Whether ``method`` marks a size×size image."""
-    if method == wm.ROBUST_METHOD:
-        return robust.too_small(size, size) is None
-    return size * size >= wm.MIN_AREA
+def dimensions(size) -> tuple[int, int]:
+    """(width, height) of a ``--sizes`` entry: an edge (square) or WIDTHxHEIGHT."""
+    text = str(size).lower()
+    if "x" in text:
+        width, height = (int(v) for v in text.split("x"))
+        return width, height
+    return int(text), int(text)
+
+
+def marks(method: str, width: int, height: int) -> bool:
+    """Whether ``method`` marks a width×height image."""
+    if method in wm.TILED:
+        return wm.TILED[method].too_small(width, height) is None
+    return width * height >= wm.MIN_AREA
 
 
 def pick(images: dict, count: int) -> dict:
@@ -77,11 +88,13 @@ def run_grid(sizes, images: int, methods, attacks: dict[str, dict] | None = None
     attacks = rb.grid() if attacks is None else attacks
     out: dict = {"sizes": {}, "message_bits": len(MESSAGE)}
     for size in sizes:
-        originals = pick(rb.marked_set(size, square=True), images)
+        width, height = dimensions(size)
+        size = f"{width}x{height}"
+        originals = pick(rb.sized_set(width, height), images)
         entry: dict = {"images": list(originals), "methods": {}, "skipped": {}}
         for method in methods:
-            if not marks(method, size):
-                entry["skipped"][method] = (robust.too_small(size, size) if method == wm.ROBUST_METHOD
+            if not marks(method, width, height):
+                entry["skipped"][method] = (wm.TILED[method].too_small(width, height) if method in wm.TILED
                                             else f"under the {wm.MIN_AREA} pixels dwtDct needs")
                 continue
             started = time.perf_counter()
@@ -89,7 +102,7 @@ def run_grid(sizes, images: int, methods, attacks: dict[str, dict] | None = None
             psnr = [rb.psnr(originals[name], marked[name]) for name in originals]
             cells = {family: {name: cell(method, marked, attack) for name, attack in members.items()}
                      for family, members in attacks.items()}
-            entry["methods"][method] = {"psnr_mean": statistics.fmean(psnr), "cells": cells,
+            entry["methods"][method] = {"psnr_mean": statistics.fmean(psnr), "psnr_min": min(psnr), "cells": cells,
                                         "seconds": time.perf_counter() - started}
         out["sizes"][size] = entry
     return out
@@ -104,7 +117,7 @@ def markdown(figures: dict) -> str:
     lines = []
     for size, entry in figures["sizes"].items():
         methods = list(entry["methods"])
-        lines.append(f"#### {size}×{size}, {len(entry['images'])} images\n")
+        lines.append(f"#### {size.replace('x', '×')}, {len(entry['images'])} images\n")
         for method, why in entry["skipped"].items():
             lines.append(f"*{method}: not marked at this size ({why}).*\n")
         if not methods:

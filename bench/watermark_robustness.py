@@ -49,7 +49,7 @@ def read(method: str, image, unreadable: float | None = 0.0) -> tuple[float | No
     """(bit accuracy before error correction, claimed with the right message, every bit right); the bit accuracy
     is ``unreadable`` where the detector reads no bits at all (image too small, or no period found)."""
     found = wm.match(image, {"fluxframe": MESSAGE}, method=method)
-    if method == wm.ROBUST_METHOD:
+    if method in wm.TILED:
         ok = bool(found["detected"] and found["decoded"] == MESSAGE)
         return (unreadable if found["agreement"] is None else float(found["agreement"])), ok, ok
     stock = found["stock_agreement"].get("fluxframe")
@@ -75,7 +75,7 @@ def false_positives(method: str, images: list) -> dict:
         found = wm.match(image, wm.KNOWN_MESSAGES if method == "dwtDct" else {"fluxframe": MESSAGE}, method=method)
         if found["detected"]:
             claimed.append(name)
-        confidence.append(found.get("confidence") if method == wm.ROBUST_METHOD else found["agreement"])
+        confidence.append(found.get("confidence") if method in wm.TILED else found["agreement"])
     return {"images": len(images), "false_positives": len(claimed), "which": claimed,
             "highest": max(c for c in confidence if c is not None),
             "threshold": robust.CONFIDENCE_THRESHOLD if method == wm.ROBUST_METHOD else wm.THRESHOLD}

@@ -73,6 +73,29 @@ def rotate(degrees: float) -> Attack:
     return lambda image: image.rotate(degrees, resample=Image.Resampling.BICUBIC)
 
 
+def rotate_cropped(degrees: float) -> Attack:
+    """Rotate, then keep the largest centred rectangle of the original's aspect that holds no filled corner."""
+
+    def attack(image: Image.Image) -> Image.Image:
+        width, height = image.size
+        rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC)
+        theta = np.radians(abs(degrees))
+        keep = 1.0 / (np.cos(theta) + max(width, height) / min(width, height) * np.sin(theta))
+        return centre_crop(float(keep))(rotated)
+
+    return attack
+
+
+def aspect(x: float, y: float = 1.0) -> Attack:
+    """Stretch by ``x`` horizontally and ``y`` vertically (bicubic)."""
+
+    def attack(image: Image.Image) -> Image.Image:
+        width, height = image.size
+        return image.resize((round(width * x), round(height * y)), Image.Resampling.BICUBIC)
+
+    return attack
+
+
 def centre_crop(keep: float) -> Attack:
     """Keep the centre ``keep`` of each edge (the area kept is ``keep`` squared), as Video Seal's crop ratio."""
     cut = (1.0 - keep) / 2
@@ -118,12 +141,44 @@ BEYOND: dict[str, Attack] = {
 }
 
 
+#: Issue 26, part 2: each attack alone and the combination, for fluxframe-rs at every size from 256 px.
+ISSUE26: dict[str, Attack] = {
+    "none": ATTACKS["none"],
+    "JPEG 90": jpeg(90),
+    "JPEG 75": jpeg(75),
+    "JPEG 60": jpeg(60),
+    "WebP 80": webp(80),
+    "crop 10% left": crop(left=0.1),
+    "crop 10% top": crop(top=0.1),
+    "crop 10% right": crop(right=0.1),
+    "crop 10% bottom": crop(bottom=0.1),
+    "crop 10% all sides": crop(0.1, 0.1, 0.1, 0.1),
+    "resize 50%": resize(0.5),
+    "resize 150%": resize(1.5),
+    "brightness +10%": brightness(1.1),
+    "brightness -10%": brightness(0.9),
+    "contrast +10%": contrast(1.1),
+    "contrast -10%": contrast(0.9),
+    "rotate +2° (filled)": rotate(2.0),
+    "rotate -2° (filled)": rotate(-2.0),
+    "rotate +5° (filled)": rotate(5.0),
+    "rotate -5° (filled)": rotate(-5.0),
+    "rotate +2° (cropped)": rotate_cropped(2.0),
+    "rotate -2° (cropped)": rotate_cropped(-2.0),
+    "rotate +5° (cropped)": rotate_cropped(5.0),
+    "rotate -5° (cropped)": rotate_cropped(-5.0),
+    "aspect x 0.9, y 1.0": aspect(0.9, 1.0),
+    "JPEG 75 + crop 10% all sides + resize 50%": ATTACKS["JPEG 75 + crop 10% all sides + resize 50%"],
+}
+
+
 def grid(jpeg_qualities=(40, 50, 60, 70, 80, 90), crops=(0.3, 0.5, 0.7, 0.9), resizes=(0.3, 0.5, 0.7, 0.9),
          rotations=(1, 2, 5, 10), brightnesses=(0.5, 0.75, 1.25, 1.5, 2.0), blurs=(0.5, 1.0, 2.0, 3.0),
-         ) -> dict[str, dict[str, Attack]]:
+         aspects=(0.8, 0.9, 1.1), ) -> dict[str, dict[str, Attack]]:
     """issue 26's Video Seal–style grid, by family: JPEG quality, centre crop and resize by the ratio of each edge
     kept (1.0 is the unattacked image, the row "none"), rotation in degrees (corners filled black, size kept),
-    brightness factor, Gaussian blur σ in pixels, and the combined JPEG 75 + crop 10 % all sides + resize 50 %."""
+    brightness factor, Gaussian blur σ in pixels, aspect change (x stretched, y kept), and the combined JPEG 75 +
+    crop 10 % all sides + resize 50 %."""
     return {
         "none": {"none": ATTACKS["none"]},
         "JPEG": {f"JPEG {q}": jpeg(q) for q in jpeg_qualities},
@@ -132,6 +187,7 @@ def grid(jpeg_qualities=(40, 50, 60, 70, 80, 90), crops=(0.3, 0.5, 0.7, 0.9), re
         "rotation": {f"rotate {d:g}°": rotate(d) for d in rotations},
         "brightness": {f"brightness {f:g}": brightness(f) for f in brightnesses},
         "blur": {f"blur σ {s:g}": blur(s) for s in blurs},
+        "aspect": {f"aspect x {x:g}": aspect(x, 1.0) for x in aspects},
         "combined": {"JPEG 75 + crop 10% + resize 50%": ATTACKS["JPEG 75 + crop 10% all sides + resize 50%"]},
     }
 
@@ -200,6 +256,14 @@ def marked_set(size: int = 1024, square: bool = False) -> dict[str, Image.Image]
     images = {name: photo(name, shapes.get(name, (size, size))) for name in COLOUR_PHOTOS + GREY_PHOTOS}
     for kind in ("gradient", "shapes", "clouds", "noise"):
         images[kind] = generated(kind, (size, size))
+    return images
+
+
+def sized_set(width: int, height: int) -> dict[str, Image.Image]:
+    """``marked_set``'s 20 images, every one at exactly ``width`` × ``height`` (issue 26's 256², 384×256, ...)."""
+    images = {name: photo(name, (width, height)) for name in COLOUR_PHOTOS + GREY_PHOTOS}
+    for kind in ("gradient", "shapes", "clouds", "noise"):
+        images[kind] = generated(kind, (width, height))
     return images
 
 

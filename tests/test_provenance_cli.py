@@ -95,7 +95,7 @@ def test_verify_with_config_checks_the_configured_message(certs, signed, tmp_pat
     config.write_text(f'[model]\npreset = "tiny"\n\n[provenance.watermark]\nmessage = "{CUSTOM}"\n')
     trust = ["--trust", str(certs / "ca.pem")]
     assert main(["verify", str(signed["custom"]), "--config", str(config), *trust]) == 0
-    assert "configured (fluxframe-ss)" in capsys.readouterr().out  # the default method
+    assert "configured (fluxframe-rs)" in capsys.readouterr().out  # the default method
     assert main(["verify", str(signed["default"]), "--config", str(config), *trust]) == 1
     assert "no expected watermark" in capsys.readouterr().out
 

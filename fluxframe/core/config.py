@@ -204,7 +204,7 @@ class LoraSettings(_Section):
 
 
 class WatermarkSettings(_Section):
-    method: str = "fluxframe-ss"  # fluxframe.provenance.watermark.DEFAULT_METHOD; "dwtDct" is the FLUX reference's
+    method: str = "fluxframe-rs"  # fluxframe.provenance.watermark.DEFAULT_METHOD; "dwtDct" is the FLUX reference's
     message: str | None = None  # bits as a string of 0/1; default: fluxframe's own message
     # Outputs too small for the method's mark are refused before generating, unless this allows them (unmarked,
     # and recorded as such in the watermark record the manifest carries).

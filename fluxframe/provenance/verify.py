@@ -5,8 +5,10 @@ bytes, certificate chain against the trust anchors given), offline: no OCSP, no 
 watermark is decoded from the pixels and compared with every known message (fluxframe's own, the FLUX reference
 code's, the one the manifest declares) or only with the ones the caller names — so a later, stronger method can
 be added to the list while old marks keep being recognised: fluxframe's message is looked for as a
-``fluxframe-ss`` mark (the default method) and as a ``dwtDct`` mark (what fluxframe wrote before it, and how the
-FLUX reference code marks its images). A message given as bare bits is looked for with both methods.
+``fluxframe-rs`` mark (the default method), as a ``fluxframe-ss`` mark (the default before it) and as a ``dwtDct``
+mark (what fluxframe wrote before those, and how the FLUX reference code marks its images). A message given as
+bare bits is looked for with all three. A ``fluxframe-rs`` mark is reported with the rotation and scale it was
+found at.
 
 ``ok`` means everything checks: a manifest is present, its signature is valid, it is bound to these exact
 pixels (nothing altered since signing), its certificate chains to a trusted anchor, it declares the image
@@ -28,8 +30,10 @@ from fluxframe.provenance.signing import ASSERTION_LABEL, TRAINED_ALGORITHMIC_ME
 from fluxframe.provenance.watermark import (
     FLUXFRAME_MESSAGE,
     KNOWN_MESSAGES,
+    LATTICE_METHOD,
     ROBUST_METHOD,
     THRESHOLD,
+    TILED,
     match,
     validate_message,
     validate_method,
@@ -99,15 +103,16 @@ class VerifyReport:
                     lines.append(f"  safety:       {passed} of {len(verdicts)} filter verdicts allowed")
         wm = self.watermark
         ss = wm.get("robust") or {}
-        if wm.get("detected") and wm.get("method") == ROBUST_METHOD:
+        if wm.get("detected") and wm.get("method") in TILED:
             lines.append(f"  watermark:    {wm['message']} ({wm['method']}), message {wm['decoded']}, confidence "
                          f"{wm['confidence']:.1f} (threshold {wm['threshold']}), {wm['bit_errors']} bit errors "
                          "corrected")
+            lines.append(f"  geometry:     {_geometry(wm)}")
         elif wm.get("detected"):
             lines.append(f"  watermark:    {wm['message']} ({wm['method']}), {wm['agreement']:.0%} of bits agree")
         elif ss.get("decoded"):
-            lines.append(f"  watermark:    a {ROBUST_METHOD} mark with message {ss['decoded']} (confidence "
-                         f"{ss['confidence']:.1f}), none of the messages looked for")
+            lines.append(f"  watermark:    a {ss.get('method', ROBUST_METHOD)} mark with message {ss['decoded']} "
+                         f"(confidence {ss['confidence']:.1f}), none of the messages looked for")
         else:
             lines.append(f"  watermark:    none found ({wm.get('reason') or 'not checked'})")
         if wm.get("matches_configured") is not None:
@@ -116,6 +121,17 @@ class VerifyReport:
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  - {reason}" for reason in self.reasons]
         return "\n".join(lines)
+
+
+def _geometry(result: dict) -> str:
+    """The estimated rotation and scale of a tiled mark, in words."""
+    parts = []
+    if result.get("rotation") is not None:
+        parts.append(f"rotated {result['rotation']:+.1f}° (counter-clockwise)")
+    if result.get("scale"):
+        x, y = result["scale"]
+        parts.append(f"scale x {x:.3f}, y {y:.3f}")
+    return ", ".join(parts) or "not estimated"
 
 
 def sniff_media_type(data: bytes) -> str | None:
@@ -168,13 +184,14 @@ def load_trust_anchors(paths: list[Path] | None) -> str:
 def default_messages() -> dict[str, list[tuple[str, str]]]:
     """What ``verify`` looks for when not told: fluxframe's message in its current and its former method, and
     the FLUX reference code's dwtDct message."""
-    return {name: [(ROBUST_METHOD, bits), ("dwtDct", bits)] if name == "fluxframe" else [("dwtDct", bits)]
-            for name, bits in KNOWN_MESSAGES.items()}
+    return {name: [(LATTICE_METHOD, bits), (ROBUST_METHOD, bits), ("dwtDct", bits)] if name == "fluxframe"
+            else [("dwtDct", bits)] for name, bits in KNOWN_MESSAGES.items()}
 
 
 def _normalise_messages(messages: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-    """name → the (method, bits) pairs to look for. A value is bits (looked for as a ``fluxframe-ss`` mark when
-    the method can carry that length, and as a ``dwtDct`` mark), a (method, bits) pair, or a list of pairs."""
+    """name → the (method, bits) pairs to look for. A value is bits (looked for as a ``fluxframe-rs`` and a
+    ``fluxframe-ss`` mark when those can carry that length, and as a ``dwtDct`` mark), a (method, bits) pair, or
+    a list of pairs."""
     from fluxframe.provenance import robust
 
     out: dict[str, list[tuple[str, str]]] = {}
@@ -182,7 +199,7 @@ def _normalise_messages(messages: dict[str, Any]) -> dict[str, list[tuple[str, s
         if isinstance(value, str):
             pairs = [("dwtDct", value)]
             if robust.MIN_MESSAGE_BITS <= len(value) <= robust.MAX_MESSAGE_BITS:
-                pairs.insert(0, (ROBUST_METHOD, value))
+                pairs[:0] = [(LATTICE_METHOD, value), (ROBUST_METHOD, value)]
         elif value and not isinstance(value[0], str):
             pairs = [tuple(pair) for pair in value]
         else:
@@ -193,9 +210,9 @@ def _normalise_messages(messages: dict[str, Any]) -> dict[str, list[tuple[str, s
 
 def check_watermark(image, messages: dict[str, Any]) -> dict[str, Any]:
     """The best of ``messages`` (name → bits, (method, bits) or a list of those) found in ``image``, trying each
-    method. For ``fluxframe-ss`` the result also has ``decoded`` (the message read), ``confidence`` and
-    ``bit_errors``; ``matches_configured`` says whether the message read is the one named "configured" (None
-    when no "configured" message was given)."""
+    method. For ``fluxframe-rs`` and ``fluxframe-ss`` the result also has ``decoded`` (the message read),
+    ``confidence``, ``bit_errors``, ``scale`` and (``fluxframe-rs``) ``rotation``; ``matches_configured`` says
+    whether the message read is the one named "configured" (None when no "configured" message was given)."""
     by_method: dict[str, dict[str, str]] = {}
     for name, pairs in _normalise_messages(messages).items():
         for method, bits in pairs:
@@ -205,19 +222,22 @@ def check_watermark(image, messages: dict[str, Any]) -> dict[str, Any]:
         return {"checked": False, "detected": False, "message": None, "method": None, "agreement": None,
                 "scores": {}, "reason": "no watermark messages to look for", "threshold": THRESHOLD}
     found = [r for r in results if r["detected"]]
-    # A decoded, error-corrected fluxframe-ss message outranks a bit agreement of the other methods.
-    best = max(found or results, key=lambda r: (r["method"] == ROBUST_METHOD and r["detected"],
+    # A decoded, error-corrected fluxframe-rs / -ss message outranks a bit agreement of the other methods.
+    best = max(found or results, key=lambda r: (r["method"] in TILED and r["detected"],
                                                 r["agreement"] or 0.0))
     scores: dict[str, float] = {}
     for r in results:
         for name, score in r["scores"].items():
             scores[name] = max(score, scores.get(name, 0.0))
     out = {"checked": all(r["agreement"] is not None for r in results), **best, "scores": scores}
-    robust_result = next((r for r in results if r["method"] == ROBUST_METHOD), None)
-    if robust_result is not None:
-        # What the fluxframe-ss reading found, whichever result is the best: a message read that is none of
-        # those looked for (another deployment's) is still reported, with its confidence.
-        out["robust"] = {key: robust_result[key] for key in ("confidence", "decoded", "bit_errors", "scale", "reason")}
+    tiled = [r for r in results if r["method"] in TILED]
+    if tiled:
+        # What the fluxframe-rs / -ss readings found, whichever result is the best: a message read that is none
+        # of those looked for (another deployment's) is still reported, with its confidence (the reading that
+        # decoded, else the most confident).
+        robust_result = max(tiled, key=lambda r: (r["decoded"] is not None, r["confidence"] or 0.0))
+        out["robust"] = {key: robust_result.get(key) for key in ("method", "confidence", "decoded", "bit_errors",
+                                                                 "scale", "rotation", "reason")}
     out["matches_configured"] = None
     if "configured" in messages:
         out["matches_configured"] = bool(best["detected"] and best["message"] == "configured")
@@ -340,10 +360,11 @@ def _read_manifest(report: VerifyReport, data: bytes, trust_pem: str) -> None:
 
 def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, Any] | None = None) -> VerifyReport:
     """Check ``path``'s C2PA manifest and watermark. ``trust``: PEM files of CA certificates to trust.
-    ``messages``: the watermark messages that count (name → bits, looked for with ``fluxframe-ss`` and
-    ``dwtDct``; name → (method, bits); or name → a list of those); default: ``default_messages()`` (fluxframe's
-    message in both methods, the FLUX reference's in dwtDct) plus the one the signed manifest declares. A
-    message named "configured" (what ``fluxframe verify --config`` passes) sets ``matches_configured``.
+    ``messages``: the watermark messages that count (name → bits, looked for with ``fluxframe-rs``,
+    ``fluxframe-ss`` and ``dwtDct``; name → (method, bits); or name → a list of those); default:
+    ``default_messages()`` (fluxframe's message in all three methods, the FLUX reference's in dwtDct) plus the
+    one the signed manifest declares. A message named "configured" (what ``fluxframe verify --config`` passes)
+    sets ``matches_configured``.
 
     A file that cannot be checked at all — missing, unreadable, a directory, not a PNG, JPEG or WebP image,
     truncated, undecodable, or a decompression bomb (see ``read_image``) — raises ProvenanceError naming it; any
@@ -356,12 +377,15 @@ def verify(path: Path, *, trust: list[Path] | None = None, messages: dict[str, A
 
 def configured_messages(config: Any) -> dict | None:
     """The watermark message a deployment embeds, as ``verify``'s ``messages`` (named "configured"); None when it
-    embeds none (the known messages still count then)."""
+    embeds none (the known messages still count then). A deployment on ``fluxframe-rs`` also wrote its message
+    as ``fluxframe-ss`` before that was the default: both count."""
     settings = config.provenance.watermark if config.provenance else None
     if settings is None:
         return None
     method = validate_method(settings.method)
     bits = validate_message(settings.message or FLUXFRAME_MESSAGE, method)
+    if method == LATTICE_METHOD:
+        return {"configured": [(LATTICE_METHOD, bits), (ROBUST_METHOD, bits)]}
     return {"configured": (method, bits)}
 
 

@@ -1,7 +1,9 @@
 """Invisible pixel watermark: embed and detect a fixed bit message.
 
-Methods: ``fluxframe-ss`` (the default: fluxframe's tiled spread-spectrum mark, which survives re-encoding,
-crops and resizes — see ``fluxframe.provenance.robust``), invisible-watermark's ``dwtDct`` (the FLUX reference
+Methods: ``fluxframe-rs`` (the default: fluxframe's tiled spread-spectrum mark from 256 px per edge, whose
+detector also undoes rotation and aspect changes — see ``fluxframe.provenance.lattice``), ``fluxframe-ss`` (its
+predecessor from 512 px per edge, which survives re-encoding, crops and resizes but not rotation — see
+``fluxframe.provenance.robust``; still read by ``verify``), invisible-watermark's ``dwtDct`` (the FLUX reference
 code's, described below; still read by ``verify``), ``dwtDctSvd`` and ``rivaGan``.
 
 The ``dwtDct`` method (as the FLUX reference code and Stable Diffusion's scripts use it) hides the bits in the
@@ -48,7 +50,7 @@ import numpy as np
 
 from fluxframe.core.interfaces import OutputContext, Postprocessor
 from fluxframe.errors import ProvenanceError, RequestError
-from fluxframe.provenance import robust
+from fluxframe.provenance import lattice, robust
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ FLUX_REFERENCE_MESSAGE = "1010101111111010000111100111001111010100101110"
 KNOWN_MESSAGES: dict[str, str] = {"fluxframe": FLUXFRAME_MESSAGE, "flux-reference": FLUX_REFERENCE_MESSAGE}
 
 ROBUST_METHOD = robust.METHOD
-METHODS = (ROBUST_METHOD, "dwtDct", "dwtDctSvd", "rivaGan")
+LATTICE_METHOD = lattice.METHOD
+#: fluxframe's own tiled methods, read by ``_match_robust``: the module of each.
+TILED = {LATTICE_METHOD: lattice, ROBUST_METHOD: robust}
+METHODS = (LATTICE_METHOD, ROBUST_METHOD, "dwtDct", "dwtDctSvd", "rivaGan")
 #: The method of the shipped configs and of WatermarkPostprocessor when none is named.
-DEFAULT_METHOD = ROBUST_METHOD
+DEFAULT_METHOD = LATTICE_METHOD
 #: The library refuses images with fewer pixels than this (the limit is on area, not on either edge).
 MIN_AREA = 256 * 256
 MIN_BITS, MAX_BITS = 8, 256
@@ -92,8 +97,8 @@ def validate_message(bits: Any, method: str = "dwtDct", *, key: str = "provenanc
                               "unmarked flat images decode to mostly zeros, so a lopsided message would match them")
     if method == "rivaGan" and len(bits) != 32:
         raise ProvenanceError(f"{key}: the rivaGan method carries exactly 32 bits, got {len(bits)}")
-    if method == ROBUST_METHOD:
-        robust.validate_message(bits, key=key)
+    if method in TILED:
+        TILED[method].validate_message(bits, key=key)
     return bits
 
 
@@ -261,8 +266,8 @@ def embed(image, bits: str, method: str = "dwtDct") -> tuple[Any, dict]:
     validate_message(bits, method, key="bits")
     width, height = image.size
     record: dict[str, Any] = {"applied": False, "method": method, "bits": bits, "length": len(bits), "reason": None}
-    if method == ROBUST_METHOD:
-        record["reason"] = robust.too_small(width, height)
+    if method in TILED:
+        record["reason"] = TILED[method].too_small(width, height)
         if record["reason"]:
             return image, record
     elif width * height < MIN_AREA:
@@ -270,10 +275,10 @@ def embed(image, bits: str, method: str = "dwtDct") -> tuple[Any, dict]:
                             f"(256x256) the {method} watermark needs; no watermark embedded")
         return image, record
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-    if method == ROBUST_METHOD:
+    if method in TILED:
         from PIL import Image
 
-        marked = Image.fromarray(robust.embed_rgb(_rgb(image), bits))
+        marked = Image.fromarray(TILED[method].embed_rgb(_rgb(image), bits))
     elif method == "dwtDct":
         marked = _embed_dwtdct(image, bits)
     else:
@@ -290,10 +295,10 @@ def unmarked_reason(width: int, height: int, method: str) -> str | None:
     where that method's minimum area allows (see ``WatermarkPostprocessor.process_image``); the other methods
     have the library's minimum area."""
     area = width * height
-    if method == ROBUST_METHOD:
-        if robust.too_small(width, height) is None or area >= MIN_AREA:
+    if method in TILED:
+        if TILED[method].too_small(width, height) is None or area >= MIN_AREA:
             return None
-        return (f"{width}x{height} is under the {ROBUST_METHOD} watermark's minimum of {robust.MIN_EDGE} pixels per "
+        return (f"{width}x{height} is under the {method} watermark's minimum of {TILED[method].MIN_EDGE} pixels per "
                 f"edge, and its {area} pixels are under the minimum of {MIN_AREA} pixels of the dwtDct mark it "
                 "falls back to")
     if area >= MIN_AREA:
@@ -333,8 +338,8 @@ def detect(image, bits_len: int, method: str = "dwtDct") -> str:
     """The ``bits_len`` bits ``image`` carries, decided as invisible-watermark's stock decoder decides them
     (``fluxframe-ss``: the error-corrected message, or the raw bits when the code does not decode)."""
     validate_method(method, key="method")
-    if method == ROBUST_METHOD:
-        word = robust.read(_rgb(image), {int(bits_len)})["words"].get(int(bits_len))
+    if method in TILED:
+        word = TILED[method].read(_rgb(image), {int(bits_len)})["words"].get(int(bits_len))
         if word is None:
             return "0" * int(bits_len)
         return word["message"] or "".join("1" if b else "0" for b in word["hard"][: int(bits_len)])
@@ -363,24 +368,35 @@ def robust_false_match_probability(length: int) -> float:
     return sum(math.comb(n, k) for k in range(code.t + 1)) / 2.0**n
 
 
-def _match_robust(image, messages: dict[str, str]) -> dict:
+def lattice_false_match_probability(length: int) -> float:
+    """As ``robust_false_match_probability`` for ``fluxframe-rs``, whose soft decoder accepts a codeword up to
+    ``lattice._CHASE`` bits beyond the code's correction radius from the word read."""
+    code = robust._bch(length)
+    n = length + code.ecc_bits
+    return sum(math.comb(n, k) for k in range(code.t + lattice._CHASE + 1)) / 2.0**n
+
+
+def _match_robust(image, messages: dict[str, str], method: str = ROBUST_METHOD) -> dict:
     """``match`` for ``fluxframe-ss``: detected when the sync confidence reaches ``robust.CONFIDENCE_THRESHOLD``
     and the error-corrected message equals one of ``messages``. ``agreement`` is the fraction of the coded bits
     (message and check bits) read right before correction; ``decoded`` the message read, whether or not it is
     one of ``messages`` (None when the code does not decode); ``confidence`` the sync peak over its noise floor in
-    standard deviations; ``bit_errors`` the bits the code corrected."""
-    result: dict[str, Any] = {"detected": False, "message": None, "agreement": None, "method": ROBUST_METHOD,
-                              "threshold": robust.CONFIDENCE_THRESHOLD, "scores": {}, "stock_agreement": {},
+    standard deviations; ``bit_errors`` the bits the code corrected; ``scale`` (x, y) and, for ``fluxframe-rs``,
+    ``rotation`` (degrees, counter-clockwise) the geometry the mark was found at. ``method`` picks the tiled
+    method (``fluxframe-rs`` or ``fluxframe-ss``)."""
+    module = TILED[method]
+    result: dict[str, Any] = {"detected": False, "message": None, "agreement": None, "method": method,
+                              "threshold": module.CONFIDENCE_THRESHOLD, "scores": {}, "stock_agreement": {},
                               "false_match_probability": None, "reason": None, "confidence": None,
-                              "decoded": None, "bit_errors": None, "scale": None}
+                              "decoded": None, "bit_errors": None, "scale": None, "rotation": None}
     if not messages:
         result["reason"] = "no watermark messages to look for"
         return result
-    read = robust.read(_rgb(image), {len(bits) for bits in messages.values()})
-    result.update(confidence=read["confidence"], scale=read["scale"])
+    read = module.read(_rgb(image), {len(bits) for bits in messages.values()})
+    result.update(confidence=read["confidence"], scale=read["scale"], rotation=read.get("rotation"))
     if not read["words"]:
         width, height = image.size
-        result["reason"] = f"image is {width}x{height}: too small to find a {ROBUST_METHOD} mark's period"
+        result["reason"] = f"image is {width}x{height}: too small to find a {method} mark's period"
         return result
     for name, bits in messages.items():
         word = read["words"][len(bits)]
@@ -389,19 +405,20 @@ def _match_robust(image, messages: dict[str, str]) -> dict:
                                                 result["scores"][n]))
     word = read["words"][len(messages[best])]
     result.update(agreement=result["scores"][best], decoded=word["message"], bit_errors=word["errors"])
-    if read["confidence"] < robust.CONFIDENCE_THRESHOLD:
-        result["reason"] = (f"no {ROBUST_METHOD} mark: confidence {read['confidence']:.1f} is under the "
-                            f"{robust.CONFIDENCE_THRESHOLD} threshold")
+    if read["confidence"] < module.CONFIDENCE_THRESHOLD:
+        result["reason"] = (f"no {method} mark: confidence {read['confidence']:.1f} is under the "
+                            f"{module.CONFIDENCE_THRESHOLD} threshold")
         result["decoded"] = result["bit_errors"] = None
     elif word["message"] is None:
-        result["reason"] = (f"a {ROBUST_METHOD} sync pattern was found (confidence {read['confidence']:.1f}) but "
+        result["reason"] = (f"a {method} sync pattern was found (confidence {read['confidence']:.1f}) but "
                             "its message does not decode: too damaged")
     elif word["message"] != messages[best]:
-        result["reason"] = (f"a {ROBUST_METHOD} mark was found, but its message {word['message']} is none of "
+        result["reason"] = (f"a {method} mark was found, but its message {word['message']} is none of "
                             "those looked for")
     else:
-        result.update(detected=True, message=best,
-                      false_match_probability=robust_false_match_probability(len(messages[best])))
+        probability = (lattice_false_match_probability if method == LATTICE_METHOD
+                       else robust_false_match_probability)(len(messages[best]))
+        result.update(detected=True, message=best, false_match_probability=probability)
     return result
 
 
@@ -422,8 +439,8 @@ def match(image, messages: dict[str, str], method: str = "dwtDct", threshold: fl
     validate_method(method, key="method")
     for name, bits in messages.items():
         validate_message(bits, method, key=f"watermark message {name!r}")
-    if method == ROBUST_METHOD:
-        return _match_robust(image, messages)
+    if method in TILED:
+        return _match_robust(image, messages, method)
     result: dict[str, Any] = {"detected": False, "message": None, "agreement": None, "method": method,
                               "threshold": threshold, "scores": {}, "stock_agreement": {},
                               "false_match_probability": None, "reason": None}
@@ -500,15 +517,16 @@ class WatermarkPostprocessor(Postprocessor):
 
     def process_image(self, image, context: OutputContext):
         marked, record = embed(image, self.message, self.method)
-        if not record["applied"] and self.method == ROBUST_METHOD:
+        if not record["applied"] and self.method in TILED:
             # Too small for the robust mark: a fragile dwtDct mark beats none where dwtDct's own minimum allows it.
             fallback, fallback_record = embed(image, self.message, "dwtDct")
             if fallback_record["applied"]:
                 marked, record = fallback, fallback_record
-                record["requested_method"] = ROBUST_METHOD
-                record["reason"] = (f"image is {image.size[0]}x{image.size[1]}, under the {robust.MIN_EDGE} pixels "
-                                    f"per edge {ROBUST_METHOD} needs: marked with dwtDct instead, which verify reads "
-                                    "but which does not survive lossy re-encoding, crops or resizes")
+                record["requested_method"] = self.method
+                record["reason"] = (f"image is {image.size[0]}x{image.size[1]}, under the "
+                                    f"{TILED[self.method].MIN_EDGE} pixels per edge {self.method} needs: marked with "
+                                    "dwtDct instead, which verify reads but which does not survive lossy "
+                                    "re-encoding, crops or resizes")
                 log.warning("watermark: %s", record["reason"])
         if record["applied"]:
             found = self._check(marked, record["method"])
@@ -544,7 +562,7 @@ class WatermarkPostprocessor(Postprocessor):
         record["readable_after_encoding"] = found["detected"]
         record["agreement_after_encoding"] = found["agreement"]
         if record.get("readable") and not found["detected"]:
-            advice = ("" if record["method"] == ROBUST_METHOD else
-                      "; use PNG, lossless WebP or JPEG with 4:4:4 chroma at quality >= 90, or the fluxframe-ss method")
+            advice = ("" if record["method"] in TILED else
+                      "; use PNG, lossless WebP or JPEG with 4:4:4 chroma at quality >= 90, or the fluxframe-rs method")
             log.warning("the %s watermark does not survive this %s encoding (%.0f%% of bits read back)%s",
                         record["method"], media_type, 100 * (found["agreement"] or 0), advice)

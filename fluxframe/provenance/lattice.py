@@ -1,0 +1,442 @@
+"""The ``fluxframe-rs`` watermark: ``fluxframe-ss``'s tiled spread-spectrum design with a tile small enough for
+256-pixel images, and a detector that recovers the tile's full lattice — rotation, scale in x and y (an aspect
+change) — from the autocorrelation before it reads the message.
+
+* **The tile.** A 64×64-pixel tile is a 16×16 grid of 4×4-pixel chips, each +1 or -1, smoothed cyclically
+  (σ = 1 px). A fixed, pseudo-random quarter of the chips is the synchronisation pattern; the other 192 carry
+  the message, BCH-coded (``fluxframe.provenance.robust``'s code: for 48 bits, 77 check bits and up to 12 bit
+  errors corrected), each coded bit on one or two chips multiplied by a pseudo-random ±1 sequence. The tile
+  repeats over the whole image, at k times its size where the shorter edge is about k·512 px (1024² carries a
+  128-px tile), so that detection can work on a k-times smaller copy and a platform's downscale keeps it.
+* **Embedding.** As ``fluxframe-ss``, with an amplitude following local activity, scaled so that the PSNR
+  against the unmarked image lies between ``PSNR_TARGET`` and ``PSNR_FLAT``; but added along the luma weights
+  (R, G, B in proportion to their share of luma), which buys 1.34 times the luma change of a grey change for the
+  same squared error.
+* **Detection.** The luminance (reduced k times on large images) is whitened; its autocorrelation has a peak on
+  every point of the lattice the two tile edges span, however the image was rotated, resized or stretched. A
+  search over the lattice's period, angle (±``MAX_ANGLE``°) and aspect, then a refinement of both basis vectors
+  coordinate by coordinate, gives the lattice; for the best few lattices the residual is resampled into the
+  tile's own frame
+  (one affine warp undoes rotation, scale and aspect at once), folded modulo 64 (averaging every copy of the
+  tile; a crop only removes some, rotated-in corners count as missing) and cross-correlated with the sync pattern
+  by FFT, which gives the translation; the best lattice is polished on the sync peak. The sync peak over the
+  correlation's noise in standard deviations is the **confidence**; the chips are then read by matched filtering
+  and decoded with the soft values (Chase decoding through the BCH decoder, see ``_decode``). The
+  estimated rotation (degrees, counter-clockwise as PIL's ``rotate``) and scale (x, y) come with the message.
+
+A mark is claimed only at ``CONFIDENCE_THRESHOLD`` and a decode within the code's correction radius plus the
+``_CHASE`` flipped bits (see ``robust.decode_word``). Dense fine textures (gravel, grass, brick) at 256² do not hold
+a readable mark at PSNR 40 dB. Images with either edge under ``MIN_EDGE`` are not marked. Rotation beyond
+``MAX_ANGLE``, downscaling that leaves the chips under ~2 px (a 256² image resized to half) and regeneration are
+outside what it reliably survives (bench/watermark_grid.py measures it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from fluxframe.errors import ProvenanceError
+from fluxframe.provenance.robust import (
+    MAX_MESSAGE_BITS,
+    MIN_MESSAGE_BITS,
+    _bch,
+    _blur,
+    _gauss_transfer,
+    decode_word,
+    encode_bits,
+)
+
+METHOD = "fluxframe-rs"
+TILE = 64
+CHIP = 4
+GRID = TILE // CHIP
+SYNC_CHIPS = GRID * GRID // 4
+#: Smallest edge the method marks.
+MIN_EDGE = 256
+PSNR_TARGET = 40.0
+PSNR_FLAT = 44.0
+#: Sync-peak confidence (standard deviations over the correlation's noise floor) from which a mark is claimed.
+CONFIDENCE_THRESHOLD = 7.0
+#: Largest rotation searched, in degrees either way.
+MAX_ANGLE = 12.0
+
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+_SEED = 0x66787273  # "fxrs"
+_SMOOTH = 1.0
+_AMP_FLAT, _AMP_MAX, _AMP_GAIN = 0.5, 5.0, 0.6
+_LAG_MIN = 24.0  # shortest tile period searched, pixels of the working image
+_WORK_EDGE = 512  # tile scale and working-copy reduction: the shorter edge over this, rounded
+_LONG_PERIOD = 96  # a lattice found longer than this (working pixels) is searched again on a 2x smaller copy
+_CANDIDATES = 5
+_ASPECTS = (0.9, 1.0, 1.11)  # y period over x period, searched coarsely
+_REACH = 2  # the coarse search counts lattice points up to this many periods along each basis vector
+_REACH_FINE = 4  # ... and the refinement up to this many
+_SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
+_POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
+_CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
+
+
+def validate_message(bits: str, *, key: str) -> str:
+    if not MIN_MESSAGE_BITS <= len(bits) <= MAX_MESSAGE_BITS:
+        raise ProvenanceError(f"{key}: the {METHOD} watermark carries {MIN_MESSAGE_BITS} to {MAX_MESSAGE_BITS} "
+                              f"bits, got {len(bits)}")
+    return bits
+
+
+def too_small(width: int, height: int) -> str | None:
+    """Why an image of this size is not marked, or None when it is large enough."""
+    if min(width, height) >= MIN_EDGE:
+        return None
+    return (f"image is {width}x{height}, under the {MIN_EDGE} pixels per edge the {METHOD} watermark needs; "
+            "no watermark embedded")
+
+
+def tile_scale(width: int, height: int) -> int:
+    """The factor the tile is enlarged by on an image of this size."""
+    return max(1, round(min(width, height) / _WORK_EDGE))
+
+
+# --- the tile ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _layout() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(_SEED)
+    order = rng.permutation(GRID * GRID)
+    sync, message = order[:SYNC_CHIPS], order[SYNC_CHIPS:]
+    return sync, rng.choice([-1.0, 1.0], SYNC_CHIPS), message, rng.choice([-1.0, 1.0], len(message))
+
+
+@functools.lru_cache(maxsize=8)
+def _smoother(size: int, sigma: float) -> np.ndarray:
+    return _gauss_transfer((size, size), sigma)
+
+
+def _tile(chips: np.ndarray, scale: int = 1) -> np.ndarray:
+    size = TILE * scale
+    up = np.repeat(np.repeat(chips.reshape(GRID, GRID), CHIP * scale, axis=0), CHIP * scale, axis=1)
+    return np.fft.irfft2(np.fft.rfft2(up) * _smoother(size, _SMOOTH * scale), s=(size, size))
+
+
+def _chips(word: np.ndarray) -> np.ndarray:
+    sync, sync_sign, message, spread = _layout()
+    chips = np.zeros(GRID * GRID)
+    chips[sync] = sync_sign
+    chips[message] = spread * (2.0 * word[np.arange(len(message)) % len(word)] - 1.0)
+    return chips
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_spectrum() -> np.ndarray:
+    sync, sync_sign, _, _ = _layout()
+    chips = np.zeros(GRID * GRID)
+    chips[sync] = sync_sign
+    return np.conj(np.fft.rfft2(_tile(chips)))
+
+
+# --- embedding --------------------------------------------------------------------------------------------------
+
+
+def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
+    """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``)."""
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_EDGE:
+        raise ProvenanceError(too_small(width, height))
+    tile = _tile(_chips(encode_bits(bits)), tile_scale(width, height))
+    tile /= np.sqrt(np.mean(tile**2))
+    size = tile.shape[0]
+    pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
+    import cv2
+
+    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
+    detail = luma - _blur(luma, 1.5)
+    activity = np.sqrt(_blur(detail * detail, 4.0))
+    amplitude = np.clip(_AMP_FLAT + _AMP_GAIN * activity, _AMP_FLAT, _AMP_MAX)
+    delta = amplitude * pattern
+    # Along the luma weights (R, G, B in proportion to their share of luma): the change of luma each unit of
+    # squared error buys is the largest (1.34 times a grey change, +1.3 dB at the same PSNR); what it adds to
+    # chroma is fine-grained, where the eye resolves colour least.
+    direction = _LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)
+    rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
+    limit, floor = (255.0 / 10 ** (target / 20) for target in (PSNR_TARGET, PSNR_FLAT))
+    if rms > limit or rms < floor:
+        delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
+    out = rgb.astype(np.float32) + delta[..., None] * direction.astype(np.float32)
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
+
+
+# --- detection --------------------------------------------------------------------------------------------------
+
+
+def _whiten(luma: np.ndarray) -> np.ndarray:
+    """High-passed luminance over its local spread (a tighter window than fluxframe-ss's: measured better on
+    256-pixel images), clipped."""
+    residual = luma - _blur(luma, 1.5)
+    spread = np.sqrt(_blur(residual * residual, 3.0)) + 1.0
+    residual /= spread
+    np.clip(residual, -3.0, 3.0, out=residual)
+    return residual
+
+
+def _decode(soft: np.ndarray, length: int) -> tuple[str | None, int]:
+    """BCH decoding helped by the soft values (Chase): the hard word, then the word with each combination of its
+    ``_CHASE`` least reliable bits flipped, hard-decoded in turn; of the codewords found, the one closest to the
+    soft values. ``errors`` is its Hamming distance from the hard word (at most the code's t + ``_CHASE``)."""
+    hard = soft > 0
+    if np.count_nonzero(soft == 0.0) > _bch(length).t:
+        # No signal at all (a flat image reads exact zeros): the all-zero word would "decode" to the all-zero
+        # message. Those bits are erasures, not zeros.
+        return None, -1
+    order = np.argsort(np.abs(soft))[:_CHASE]
+    best: tuple[float, str | None, int] = (-np.inf, None, -1)
+    seen: set[str] = set()
+    for mask in range(1 << _CHASE):
+        trial = hard.copy()
+        for b in range(_CHASE):
+            if mask >> b & 1:
+                trial[order[b]] = not trial[order[b]]
+        message, _ = decode_word(trial, length)
+        if message is None or message in seen:
+            continue
+        seen.add(message)
+        word = encode_bits(message) > 0.5
+        fit = float(np.sum(np.where(word, soft, -soft)))
+        if fit > best[0]:
+            best = (fit, message, int(np.count_nonzero(word != hard)))
+        if mask == 0:
+            break  # the hard word itself decodes: take it
+    return best[1], best[2]
+
+
+def _autocorrelation(residual: np.ndarray) -> np.ndarray:
+    spectrum = np.fft.rfft2(residual)
+    power = spectrum.real**2 + spectrum.imag**2
+    auto = np.fft.irfft2(power * _gauss_transfer(residual.shape, 1.2).astype(np.float32), s=residual.shape)
+    auto /= float(power.sum()) / power.size * 2 + 1e-12
+    return auto.astype(np.float32)
+
+
+def _points(reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice coordinates (i, j) of half the plane (the autocorrelation is symmetric), origin left out."""
+    steps = np.arange(-reach, reach + 1, dtype=np.float64)
+    i, j = (g.ravel() for g in np.meshgrid(steps, steps, indexing="ij"))
+    keep = (j > 0) | ((j == 0) & (i > 0))
+    return i[keep], j[keep]
+
+
+def _comb(auto: np.ndarray, v1: np.ndarray, v2: np.ndarray, reach: int,
+          use: np.ndarray | None = None) -> np.ndarray:
+    """For K candidate lattices (basis vectors v1[k], v2[k] as (x, y)), the autocorrelation summed over the
+    lattice points within half the autocorrelation's size, over the square root of their number. ``use``
+    (K × points, or points) fixes which points count, so that a refinement does not gain by crossing the edge."""
+    height, width = auto.shape
+    i, j = _points(reach)
+    x = i[None, :] * v1[:, 0:1] + j[None, :] * v2[:, 0:1]
+    y = i[None, :] * v1[:, 1:2] + j[None, :] * v2[:, 1:2]
+    inside = (np.abs(y) <= height / 2 - 2) & (np.abs(x) <= width / 2 - 2) if use is None else np.broadcast_to(
+        use, x.shape)
+    y0, x0 = np.floor(y), np.floor(x)
+    fy, fx = y - y0, x - x0
+    y0, x0 = y0.astype(np.int64) % height, x0.astype(np.int64) % width
+    y1, x1 = (y0 + 1) % height, (x0 + 1) % width
+    value = ((1 - fy) * ((1 - fx) * auto[y0, x0] + fx * auto[y0, x1])
+             + fy * ((1 - fx) * auto[y1, x0] + fx * auto[y1, x1]))
+    count = inside.sum(axis=1)
+    return np.where(count > 0, (value * inside).sum(axis=1) / np.sqrt(np.maximum(count, 1)), -np.inf)
+
+
+def _basis(lag: np.ndarray, angle: np.ndarray, aspect: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Basis vectors (x, y) of a tile lattice rotated by ``angle`` radians (counter-clockwise on screen, as
+    PIL's rotate: y points down) with period ``lag`` along x and ``lag * aspect`` along y."""
+    c, s = np.cos(angle), np.sin(angle)
+    v1 = np.stack([lag * c, -lag * s], axis=-1)
+    v2 = np.stack([lag * aspect * s, lag * aspect * c], axis=-1)
+    return v1, v2
+
+
+def _lattices(auto: np.ndarray) -> list[np.ndarray]:
+    """Candidate lattices (the basis as (v1x, v1y, v2x, v2y)), best first: local maxima of a coarse search
+    over period, angle (±``MAX_ANGLE``°) and aspect, unrefined."""
+    longest = min(auto.shape) / 2 - 2
+    if longest <= _LAG_MIN:
+        return []
+    lags = _LAG_MIN * np.exp(np.arange(0.0, np.log(longest / _LAG_MIN), 0.018))
+    angles = np.radians(np.arange(-MAX_ANGLE, MAX_ANGLE + 0.01, 1.5))
+    aspects = np.array(_ASPECTS)
+    lg, an, asp = (g.ravel() for g in np.meshgrid(lags, angles, aspects, indexing="ij"))
+    v1, v2 = _basis(lg, an, asp)
+    score = _comb(auto, v1, v2, _REACH).reshape(len(lags), len(angles), len(aspects))
+    padded = np.pad(score, 1, constant_values=-np.inf)
+    centre = padded[1:-1, 1:-1, 1:-1]
+    is_max = np.isfinite(centre)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            for dz in (-1, 0, 1):
+                if dy or dx or dz:
+                    is_max &= centre >= padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx,
+                                               1 + dz:padded.shape[2] - 1 + dz]
+    flat = np.flatnonzero(is_max)
+    flat = flat[np.argsort(score.ravel()[flat])[::-1]][:_CANDIDATES]
+    return [np.concatenate([v1[k], v2[k]]) for k in flat]
+
+
+def _refine(auto: np.ndarray, base: np.ndarray, reach: int) -> np.ndarray:
+    """Pattern search on the comb score over the four coordinates of the basis (the lattice points counted
+    fixed to those well inside at the start)."""
+    height, width = auto.shape
+    i, j = _points(reach)
+    x, y = i * base[0] + j * base[2], i * base[1] + j * base[3]
+    use = (np.abs(y) <= height / 2 * 0.92 - 2) & (np.abs(x) <= width / 2 * 0.92 - 2)
+    if not use.any():
+        return base
+    best = float(_comb(auto, base[None, :2], base[None, 2:], reach, use)[0])
+    for step in (0.6, 0.3, 0.15, 0.07):
+        moves = np.concatenate([np.eye(4), -np.eye(4)]) * step * max(1.0, np.hypot(*base[:2]) / 64)
+        for _ in range(4):
+            trial = base[None, :] + moves
+            scores = _comb(auto, trial[:, :2], trial[:, 2:], reach, use)
+            k = int(np.argmax(scores))
+            if scores[k] <= best:
+                break
+            best, base = float(scores[k]), trial[k]
+    return base
+
+
+def _fold(residual: np.ndarray, v1: np.ndarray, v2: np.ndarray, count: np.ndarray | None = None,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The residual resampled into the tile's frame (tile-frame point q ↦ image point A·q, A's columns v1/TILE
+    and v2/TILE) and averaged modulo the tile; parts of the frame outside the image count as missing. Returns the
+    fold and the count of samples per tile pixel (``count``: reuse one, for a lattice barely different)."""
+    import cv2
+
+    a = np.stack([v1, v2], axis=1) / TILE  # image (x, y) = a @ (u, v)
+    inverse = np.linalg.inv(a)
+    height, width = residual.shape
+    corners = inverse @ np.array([[0, width, 0, width], [0, 0, height, height]], dtype=np.float64)
+    low = np.floor(corners.min(axis=1))
+    size = np.ceil(corners.max(axis=1) - low).astype(int) + 1
+    out_w, out_h = int(size[0]), int(size[1])
+    matrix = np.concatenate([a, (a @ low)[:, None]], axis=1)  # frame pixel (u, v) samples image a @ ((u, v) + low)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    rows, cols = -(-out_h // TILE), -(-out_w // TILE)
+    warped = np.zeros((rows * TILE, cols * TILE), np.float32)
+    cv2.warpAffine(residual, matrix, (out_w, out_h), dst=warped[:out_h, :out_w], flags=flags,
+                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    def fold(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(rows, TILE, cols * TILE).sum(axis=0).reshape(TILE, cols, TILE).sum(axis=1)
+
+    if count is None:
+        mask = np.zeros_like(warped)
+        cv2.warpAffine(np.ones_like(residual), matrix, (out_w, out_h), dst=mask[:out_h, :out_w], flags=flags,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        count = np.maximum(fold(mask).astype(np.float64), 1.0)
+    return fold(warped).astype(np.float64) / count, count
+
+
+def _polish(residual: np.ndarray, best: tuple) -> tuple:
+    """The lattice polished on the sync peak itself, coordinate by coordinate, coarse to fine: a period off by
+    0.3 % drifts by a pixel over 300."""
+    for step in (0.005, 0.002):
+        improved = True
+        rounds = 0
+        while improved and rounds < 2:
+            improved, rounds = False, rounds + 1
+            size = step * float(np.hypot(*best[3][:2]))
+            for axis in range(4):
+                for sign in (-1.0, 1.0):
+                    basis = best[3].copy()
+                    basis[axis] += sign * size
+                    folded, _ = _fold(residual, basis[:2], basis[2:], best[4])
+                    confidence, offset = _sync(folded)
+                    if confidence > best[0]:
+                        best, improved = (confidence, offset, folded, basis, best[4]), True
+    return best
+
+
+def _sync(folded: np.ndarray) -> tuple[float, tuple[int, int]]:
+    corr = np.fft.irfft2(np.fft.rfft2(folded) * _sync_spectrum(), s=folded.shape)
+    index = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    peak = corr[index]
+    mask = np.ones_like(corr, dtype=bool)
+    mask[np.ix_([(index[0] + d) % TILE for d in range(-3, 4)], [(index[1] + d) % TILE for d in range(-3, 4)])] = False
+    rest = corr[mask]
+    return float((peak - rest.mean()) / (rest.std() + 1e-12)), (int(index[0]), int(index[1]))
+
+
+def _geometry(v1: np.ndarray, v2: np.ndarray, shrink: int, base: int) -> tuple[float, tuple[float, float]]:
+    """Rotation (degrees, counter-clockwise) and scale (x, y) relative to the tile as embedded at ``base``."""
+    angle = math.degrees(math.atan2(-v1[1], v1[0]))
+    unit = TILE * base / shrink
+    return angle, (float(np.hypot(*v1)) / unit, float(np.hypot(*v2)) / unit)
+
+
+def _search(luma: np.ndarray, shrink: int) -> tuple | None:
+    """The best lattice of ``luma`` reduced ``shrink`` times: (confidence, offset, folded, basis, count, shrink)."""
+    import cv2
+
+    if shrink > 1:
+        luma = cv2.resize(luma, (luma.shape[1] // shrink, luma.shape[0] // shrink), interpolation=cv2.INTER_AREA)
+    residual = _whiten(luma)
+    auto = _autocorrelation(residual)
+    best = None
+    for candidate in _lattices(auto):
+        basis = _refine(auto, candidate, _REACH_FINE)
+        folded, count = _fold(residual, basis[:2], basis[2:])
+        confidence, offset = _sync(folded)
+        if best is None or confidence > best[0]:
+            best = (confidence, offset, folded, basis, count)
+        if confidence >= _SURE:
+            break
+    if best is not None and best[0] >= _POLISH:
+        best = _polish(residual, best)
+    return None if best is None else (*best, shrink)
+
+
+def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None = None) -> dict[str, Any]:
+    """Read a ``fluxframe-rs`` mark from ``rgb`` (uint8 H×W×3) for each message length in ``lengths``.
+
+    Returns ``{"confidence", "rotation", "scale": (x, y), "offset": (row, col), "words": {length: {"soft",
+    "hard", "message", "errors"}}}`` (as ``robust.read``, with the rotation in degrees). ``scale`` is relative to
+    the tile as embedded at ``base_scale`` (default: the tile a mark of this image's own size would carry —
+    unknown to a detector, so a 1024² image resized to half reads scale 1.0 against the 512² tile; see
+    ``tile_scale``)."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)  # 0.299 R + 0.587 G + 0.114 B
+    # Work on a copy reduced so that the tile of an image of this size comes back to its base size; a crop or
+    # resize can leave a larger tile than that (chips of 8 px, which the whitening partly removes): a lattice
+    # found long is searched again on a copy twice as small, and the more confident reading counts.
+    shrink = max(1, round(min(height, width) / _WORK_EDGE))
+    best = _search(luma, shrink)
+    if (best is not None and best[0] < _SURE and float(np.hypot(*best[3][:2])) > _LONG_PERIOD
+            and min(height, width) // (2 * shrink) >= 4 * _LAG_MIN):
+        again = _search(luma, 2 * shrink)
+        if again is not None and again[0] > best[0]:
+            best = again
+    result: dict[str, Any] = {"confidence": 0.0, "rotation": None, "scale": None, "offset": None, "words": {}}
+    if best is None:
+        return result
+    confidence, offset, folded, basis, _, shrink = best
+    v1, v2 = basis[:2], basis[2:]
+    base = tile_scale(width, height) if base_scale is None else base_scale
+    rotation, scale = _geometry(v1, v2, shrink, base)
+    result.update(confidence=confidence, rotation=rotation, scale=scale, offset=offset)
+    aligned = np.roll(folded, (-offset[0], -offset[1]), axis=(0, 1))
+    matched = np.fft.irfft2(np.fft.rfft2(aligned) * _smoother(TILE, _SMOOTH), s=aligned.shape)
+    chips = matched.reshape(GRID, CHIP, GRID, CHIP).sum(axis=(1, 3)).ravel()
+    _, _, message, spread = _layout()
+    values = chips[message] * spread
+    for length in lengths:
+        n = length + _bch(length).ecc_bits
+        soft = np.bincount(np.arange(len(message)) % n, weights=values, minlength=n)
+        decoded, errors = _decode(soft, length)
+        result["words"][length] = {"soft": soft, "hard": soft > 0, "message": decoded, "errors": errors}
+    return result
