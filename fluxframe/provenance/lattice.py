@@ -33,7 +33,6 @@ outside what it reliably survives (bench/watermark_grid.py measures it).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -43,6 +42,7 @@ from fluxframe.errors import ProvenanceError
 from fluxframe.provenance.robust import (
     MAX_MESSAGE_BITS,
     MIN_MESSAGE_BITS,
+    ChipPattern,
     _bch,
     _blur,
     _gauss_transfer,
@@ -103,39 +103,7 @@ def tile_scale(width: int, height: int) -> int:
 # --- the tile ---------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _layout() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(_SEED)
-    order = rng.permutation(GRID * GRID)
-    sync, message = order[:SYNC_CHIPS], order[SYNC_CHIPS:]
-    return sync, rng.choice([-1.0, 1.0], SYNC_CHIPS), message, rng.choice([-1.0, 1.0], len(message))
-
-
-@functools.lru_cache(maxsize=8)
-def _smoother(size: int, sigma: float) -> np.ndarray:
-    return _gauss_transfer((size, size), sigma)
-
-
-def _tile(chips: np.ndarray, scale: int = 1) -> np.ndarray:
-    size = TILE * scale
-    up = np.repeat(np.repeat(chips.reshape(GRID, GRID), CHIP * scale, axis=0), CHIP * scale, axis=1)
-    return np.fft.irfft2(np.fft.rfft2(up) * _smoother(size, _SMOOTH * scale), s=(size, size))
-
-
-def _chips(word: np.ndarray) -> np.ndarray:
-    sync, sync_sign, message, spread = _layout()
-    chips = np.zeros(GRID * GRID)
-    chips[sync] = sync_sign
-    chips[message] = spread * (2.0 * word[np.arange(len(message)) % len(word)] - 1.0)
-    return chips
-
-
-@functools.lru_cache(maxsize=1)
-def _sync_spectrum() -> np.ndarray:
-    sync, sync_sign, _, _ = _layout()
-    chips = np.zeros(GRID * GRID)
-    chips[sync] = sync_sign
-    return np.conj(np.fft.rfft2(_tile(chips)))
+PATTERN = ChipPattern(TILE, CHIP, _SEED, _SMOOTH)
 
 
 # --- embedding --------------------------------------------------------------------------------------------------
@@ -146,7 +114,7 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
     height, width = rgb.shape[:2]
     if min(height, width) < MIN_EDGE:
         raise ProvenanceError(too_small(width, height))
-    tile = _tile(_chips(encode_bits(bits)), tile_scale(width, height))
+    tile = PATTERN.tile(PATTERN.chips(encode_bits(bits)), tile_scale(width, height))
     tile /= np.sqrt(np.mean(tile**2))
     size = tile.shape[0]
     pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
@@ -354,20 +322,10 @@ def _polish(residual: np.ndarray, best: tuple) -> tuple:
                     basis = best[3].copy()
                     basis[axis] += sign * size
                     folded, _ = _fold(residual, basis[:2], basis[2:], best[4])
-                    confidence, offset = _sync(folded)
+                    confidence, offset = PATTERN.sync_peak(folded)
                     if confidence > best[0]:
                         best, improved = (confidence, offset, folded, basis, best[4]), True
     return best
-
-
-def _sync(folded: np.ndarray) -> tuple[float, tuple[int, int]]:
-    corr = np.fft.irfft2(np.fft.rfft2(folded) * _sync_spectrum(), s=folded.shape)
-    index = np.unravel_index(int(np.argmax(corr)), corr.shape)
-    peak = corr[index]
-    mask = np.ones_like(corr, dtype=bool)
-    mask[np.ix_([(index[0] + d) % TILE for d in range(-3, 4)], [(index[1] + d) % TILE for d in range(-3, 4)])] = False
-    rest = corr[mask]
-    return float((peak - rest.mean()) / (rest.std() + 1e-12)), (int(index[0]), int(index[1]))
 
 
 def _geometry(v1: np.ndarray, v2: np.ndarray, shrink: int, base: int) -> tuple[float, tuple[float, float]]:
@@ -389,7 +347,7 @@ def _search(luma: np.ndarray, shrink: int) -> tuple | None:
     for candidate in _lattices(auto):
         basis = _refine(auto, candidate, _REACH_FINE)
         folded, count = _fold(residual, basis[:2], basis[2:])
-        confidence, offset = _sync(folded)
+        confidence, offset = PATTERN.sync_peak(folded)
         if best is None or confidence > best[0]:
             best = (confidence, offset, folded, basis, count)
         if confidence >= _SURE:
@@ -429,14 +387,7 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None 
     base = tile_scale(width, height) if base_scale is None else base_scale
     rotation, scale = _geometry(v1, v2, shrink, base)
     result.update(confidence=confidence, rotation=rotation, scale=scale, offset=offset)
-    aligned = np.roll(folded, (-offset[0], -offset[1]), axis=(0, 1))
-    matched = np.fft.irfft2(np.fft.rfft2(aligned) * _smoother(TILE, _SMOOTH), s=aligned.shape)
-    chips = matched.reshape(GRID, CHIP, GRID, CHIP).sum(axis=(1, 3)).ravel()
-    _, _, message, spread = _layout()
-    values = chips[message] * spread
-    for length in lengths:
-        n = length + _bch(length).ecc_bits
-        soft = np.bincount(np.arange(len(message)) % n, weights=values, minlength=n)
+    for length, soft in PATTERN.soft_words(folded, offset, lengths).items():
         decoded, errors = _decode(soft, length)
         result["words"][length] = {"soft": soft, "hard": soft > 0, "message": decoded, "errors": errors}
     return result

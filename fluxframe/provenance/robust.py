@@ -140,15 +140,6 @@ def decode_word(hard: np.ndarray, length: int) -> tuple[str | None, int]:
     return corrected[:length], distance
 
 
-@functools.lru_cache(maxsize=1)
-def _layout() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fixed pseudo-random layout: sync chip indices and signs, message chip indices and spreading signs."""
-    rng = np.random.default_rng(_SEED)
-    order = rng.permutation(GRID * GRID)
-    sync, message = order[:SYNC_CHIPS], order[SYNC_CHIPS:]
-    return sync, rng.choice([-1.0, 1.0], SYNC_CHIPS), message, rng.choice([-1.0, 1.0], len(message))
-
-
 def _gauss_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Transfer function (rfft2 layout) of a cyclic Gaussian blur of an array of ``shape``."""
     fy = np.fft.fftfreq(shape[0])[:, None]
@@ -162,30 +153,63 @@ def _smoother(size: int, sigma: float) -> np.ndarray:
     return _gauss_transfer((size, size), sigma)
 
 
-def _tile(chips: np.ndarray, scale: int = 1) -> np.ndarray:
-    """The smoothed, seamless tile of a GRID×GRID chip array (at ``scale`` times the base size)."""
-    size = TILE * scale
-    up = np.repeat(np.repeat(chips.reshape(GRID, GRID), CHIP * scale, axis=0), CHIP * scale, axis=1)
-    return np.fft.irfft2(np.fft.rfft2(up) * _smoother(size, _SMOOTH * scale), s=(size, size))
+class ChipPattern:
+    """The chip tile of fluxframe's tiled marks (``fluxframe-ss`` here, ``fluxframe-rs`` in ``lattice``): a
+    grid of ``chip``-pixel ±1 chips, a pseudo-random quarter of them (drawn from ``seed``) the synchronisation
+    pattern and the rest the coded message spread by a ±1 sequence, smoothed cyclically (σ ``smooth``)."""
+
+    def __init__(self, tile: int, chip: int, seed: int, smooth: float):
+        self.size, self.chip, self.smooth = tile, chip, smooth
+        self.grid = tile // chip
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(self.grid * self.grid)
+        count = self.grid * self.grid // 4
+        self.sync, self.message = order[:count], order[count:]
+        self.sync_sign = rng.choice([-1.0, 1.0], count)
+        self.spread = rng.choice([-1.0, 1.0], len(self.message))
+        sync_chips = np.zeros(self.grid * self.grid)
+        sync_chips[self.sync] = self.sync_sign
+        self._sync_spectrum = np.conj(np.fft.rfft2(self.tile(sync_chips)))
+
+    def tile(self, chips: np.ndarray, scale: int = 1) -> np.ndarray:
+        """The smoothed, seamless tile of a chip array (at ``scale`` times the base size)."""
+        size, step = self.size * scale, self.chip * scale
+        up = np.repeat(np.repeat(chips.reshape(self.grid, self.grid), step, axis=0), step, axis=1)
+        return np.fft.irfft2(np.fft.rfft2(up) * _smoother(size, self.smooth * scale), s=(size, size))
+
+    def chips(self, word: np.ndarray) -> np.ndarray:
+        """The chip array carrying a coded word (repeated over the message chips)."""
+        chips = np.zeros(self.grid * self.grid)
+        chips[self.sync] = self.sync_sign
+        chips[self.message] = self.spread * (2.0 * word[np.arange(len(self.message)) % len(word)] - 1.0)
+        return chips
+
+    def sync_peak(self, folded: np.ndarray) -> tuple[float, tuple[int, int]]:
+        """Confidence (peak over the noise floor, in standard deviations) and cyclic offset of the sync pattern
+        in a folded tile."""
+        corr = np.fft.irfft2(np.fft.rfft2(folded) * self._sync_spectrum, s=folded.shape)
+        index = np.unravel_index(int(np.argmax(corr)), corr.shape)
+        peak = corr[index]
+        mask = np.ones_like(corr, dtype=bool)
+        mask[np.ix_(*[[(i + d) % self.size for d in range(-3, 4)] for i in index])] = False
+        rest = corr[mask]
+        return float((peak - rest.mean()) / (rest.std() + 1e-12)), (int(index[0]), int(index[1]))
+
+    def soft_words(self, folded: np.ndarray, offset: tuple[int, int], lengths) -> dict[int, np.ndarray]:
+        """Per message length, the soft value of every coded bit: the chips read by matched filtering at the
+        sync offset, each coded bit summed over its chips."""
+        aligned = np.roll(folded, (-offset[0], -offset[1]), axis=(0, 1))
+        matched = np.fft.irfft2(np.fft.rfft2(aligned) * _smoother(self.size, self.smooth), s=aligned.shape)
+        chips = matched.reshape(self.grid, self.chip, self.grid, self.chip).sum(axis=(1, 3)).ravel()
+        values = chips[self.message] * self.spread
+        soft = {}
+        for length in lengths:
+            n = length + _bch(length).ecc_bits
+            soft[length] = np.bincount(np.arange(len(self.message)) % n, weights=values, minlength=n)
+        return soft
 
 
-def _chips(word: np.ndarray) -> np.ndarray:
-    sync, sync_sign, message, spread = _layout()
-    chips = np.zeros(GRID * GRID)
-    chips[sync] = sync_sign
-    chips[message] = spread * (2.0 * word[np.arange(len(message)) % len(word)] - 1.0)
-    return chips
-
-
-@functools.lru_cache(maxsize=1)
-def _sync_spectrum() -> np.ndarray:
-    sync, sync_sign, _, _ = _layout()
-    chips = np.zeros(GRID * GRID)
-    chips[sync] = sync_sign
-    return np.conj(np.fft.rfft2(_tile(chips)))
-
-
-# --- embedding --------------------------------------------------------------------------------------------------
+PATTERN = ChipPattern(TILE, CHIP, _SEED, _SMOOTH)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -202,7 +226,7 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
     """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``)."""
     height, width = rgb.shape[:2]
     scale = max(1, min(height, width) // 1024)
-    tile = _tile(_chips(encode_bits(bits)), scale)
+    tile = PATTERN.tile(PATTERN.chips(encode_bits(bits)), scale)
     tile /= np.sqrt(np.mean(tile**2))
     size = tile.shape[0]
     pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
@@ -310,17 +334,6 @@ def _fold(residual: np.ndarray, period: tuple[float, float]) -> np.ndarray:
     return total.astype(np.float64) / np.maximum(np.outer(count_y, count_x), 1.0)
 
 
-def _sync(folded: np.ndarray) -> tuple[float, tuple[int, int]]:
-    """Confidence (peak over noise floor, in standard deviations) and cyclic offset of the sync pattern."""
-    corr = np.fft.irfft2(np.fft.rfft2(folded) * _sync_spectrum(), s=folded.shape)
-    index = np.unravel_index(int(np.argmax(corr)), corr.shape)
-    peak = corr[index]
-    mask = np.ones_like(corr, dtype=bool)
-    mask[np.ix_([(index[0] + d) % TILE for d in range(-3, 4)], [(index[1] + d) % TILE for d in range(-3, 4)])] = False
-    rest = corr[mask]
-    return float((peak - rest.mean()) / (rest.std() + 1e-12)), (int(index[0]), int(index[1]))
-
-
 def read(rgb: np.ndarray, lengths: set[int] | list[int]) -> dict[str, Any]:
     """Read a ``fluxframe-ss`` mark from ``rgb`` (uint8 H×W×3) for each message length in ``lengths``.
 
@@ -342,7 +355,7 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int]) -> dict[str, Any]:
         if min(period) < _LAG_MIN * TILE * 0.9:
             continue
         folded = _fold(residual, period)
-        confidence, offset = _sync(folded)
+        confidence, offset = PATTERN.sync_peak(folded)
         if best is None or confidence > best[0]:
             best = (confidence, offset, folded, period)
         if confidence >= _SURE:  # the candidates come best first: this one is it
@@ -359,20 +372,13 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int]) -> dict[str, Any]:
                 period = list(start[3])
                 period[axis] *= 1.0 + sign * step
                 folded = _fold(residual, (period[0], period[1]))
-                confidence, offset = _sync(folded)
+                confidence, offset = PATTERN.sync_peak(folded)
                 if confidence > best[0]:
                     best = (confidence, offset, folded, (period[0], period[1]))
     confidence, offset, folded, period = best
     result.update(confidence=confidence, scale=(shrink * period[0] / TILE, shrink * period[1] / TILE),
                   offset=offset)
-    aligned = np.roll(folded, (-offset[0], -offset[1]), axis=(0, 1))
-    matched = np.fft.irfft2(np.fft.rfft2(aligned) * _smoother(TILE, _SMOOTH), s=aligned.shape)
-    chips = matched.reshape(GRID, CHIP, GRID, CHIP).sum(axis=(1, 3)).ravel()
-    _, _, message, spread = _layout()
-    values = chips[message] * spread
-    for length in lengths:
-        n = length + _bch(length).ecc_bits
-        soft = np.bincount(np.arange(len(message)) % n, weights=values, minlength=n)
+    for length, soft in PATTERN.soft_words(folded, offset, lengths).items():
         hard = soft > 0
         decoded, errors = decode_word(hard, length)
         result["words"][length] = {"soft": soft, "hard": hard, "message": decoded, "errors": errors}
