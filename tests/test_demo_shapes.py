@@ -216,3 +216,26 @@ def test_outline_dataset_uses_training_triples_only(tmp_path):
     items = read_dataset(tmp_path)
     assert [i.caption for i in items] == [s.caption for s in scenes[:3]]
     assert shapes.analyse(shapes.render(scenes[0])).style == "outline"
+
+
+def test_demo_data_command_writes_a_whole_folder_and_refuses_a_used_one(tmp_path, capsys):
+    from fluxframe.cli import main
+
+    out = tmp_path / "outline"
+    assert main(["demo-data", "--out", str(out), "--count", "3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000.txt", "0001.png", "0001.txt",
+                                                     "0002.png", "0002.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["outline"]  # no staging folder left beside it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["demo-data", "--out", str(out), "--count", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and "not empty" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    (tmp_path / "file").write_text("x")
+    assert main(["demo-data", "--out", str(tmp_path / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["demo-data", "--out", str(empty), "--count", "1"]) == 0
+    assert len(list(empty.iterdir())) == 2

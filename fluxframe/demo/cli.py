@@ -8,6 +8,7 @@ Nothing heavy is imported until the command runs, so ``fluxframe --help`` stays 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .options import add_arguments
 
@@ -47,8 +48,6 @@ def register_commands(register) -> None:
 
 
 def demo_data_arguments(parser: argparse.ArgumentParser) -> None:
-    from pathlib import Path
-
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (created)")
     parser.add_argument("--style", choices=("outline",), default="outline", help="how the shapes are drawn")
     parser.add_argument("--count", type=int, default=192, help="images to write (the 128 training triples in turn)")
@@ -56,15 +55,38 @@ def demo_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo_data(args) -> int:
+    """Write the folder whole or not at all: drawn into a hidden sibling folder, renamed into place at the end;
+    an existing non-empty folder (or a file) at --out is refused rather than mixed into."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
     from .shapes import outline_scenes, write_dataset
 
+    out = args.out
     if args.count < 1:
-        import sys
-
         print("fluxframe: error: --count must be at least 1", file=sys.stderr)
         return 2
-    written = write_dataset(outline_scenes(args.count, args.seed), args.out)
-    print(f"wrote {written} images with captions to {args.out}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a folder that is not empty" if out.is_dir() else "not a folder"
+        print(f"fluxframe: error: --out {out}: {what}; give a new or empty folder", file=sys.stderr)
+        return 2
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        print(f"fluxframe: error: --out {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        written = write_dataset(outline_scenes(args.count, args.seed), staging)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"wrote {written} images with captions to {out}")
     return 0
 
 
