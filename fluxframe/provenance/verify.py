@@ -127,7 +127,7 @@ def _geometry(result: dict) -> str:
     """The estimated rotation and scale of a tiled mark, in words."""
     parts = []
     if result.get("rotation") is not None:
-        parts.append(f"rotated {result['rotation']:+.1f}° (counter-clockwise)")
+        parts.append(f"rotated {round(result['rotation'], 1) + 0.0:+.1f}° (counter-clockwise)")  # + 0.0: no -0.0
     if result.get("scale"):
         x, y = result["scale"]
         parts.append(f"scale x {x:.3f}, y {y:.3f}")
