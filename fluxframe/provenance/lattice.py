@@ -40,8 +40,6 @@ import numpy as np
 
 from fluxframe.errors import ProvenanceError
 from fluxframe.provenance.robust import (
-    MAX_MESSAGE_BITS,
-    MIN_MESSAGE_BITS,
     ChipPattern,
     _bch,
     _blur,
@@ -49,6 +47,7 @@ from fluxframe.provenance.robust import (
     decode_word,
     encode_bits,
 )
+from fluxframe.provenance.robust import validate_message as robust_validate_message
 
 METHOD = "fluxframe-rs"
 TILE = 64
@@ -81,10 +80,7 @@ _CHASE = 5  # least reliable bits flipped in every combination by the soft decod
 
 
 def validate_message(bits: str, *, key: str) -> str:
-    if not MIN_MESSAGE_BITS <= len(bits) <= MAX_MESSAGE_BITS:
-        raise ProvenanceError(f"{key}: the {METHOD} watermark carries {MIN_MESSAGE_BITS} to {MAX_MESSAGE_BITS} "
-                              f"bits, got {len(bits)}")
-    return bits
+    return robust_validate_message(bits, key=key, method=METHOD)
 
 
 def too_small(width: int, height: int) -> str | None:

@@ -67,9 +67,10 @@ _SURE = 2 * CONFIDENCE_THRESHOLD  # a candidate this confident ends the search
 _POLISH = 5.0  # a best candidate under this confidence is not polished
 
 
-def validate_message(bits: str, *, key: str) -> str:
+def validate_message(bits: str, *, key: str, method: str = METHOD) -> str:
+    """``bits`` when a tiled mark (this one, or ``method``: fluxframe-rs shares the code) can carry it."""
     if not MIN_MESSAGE_BITS <= len(bits) <= MAX_MESSAGE_BITS:
-        raise ProvenanceError(f"{key}: the {METHOD} watermark carries {MIN_MESSAGE_BITS} to {MAX_MESSAGE_BITS} "
+        raise ProvenanceError(f"{key}: the {method} watermark carries {MIN_MESSAGE_BITS} to {MAX_MESSAGE_BITS} "
                               f"bits, got {len(bits)}")
     return bits
 
