@@ -44,6 +44,7 @@ from fluxframe.provenance.robust import (
     _bch,
     _blur,
     _gauss_transfer,
+    _lattice_score,
     decode_word,
     encode_bits,
 )
@@ -205,14 +206,7 @@ def _comb(auto: np.ndarray, v1: np.ndarray, v2: np.ndarray, reach: int,
     y = i[None, :] * v1[:, 1:2] + j[None, :] * v2[:, 1:2]
     inside = (np.abs(y) <= height / 2 - 2) & (np.abs(x) <= width / 2 - 2) if use is None else np.broadcast_to(
         use, x.shape)
-    y0, x0 = np.floor(y), np.floor(x)
-    fy, fx = y - y0, x - x0
-    y0, x0 = y0.astype(np.int64) % height, x0.astype(np.int64) % width
-    y1, x1 = (y0 + 1) % height, (x0 + 1) % width
-    value = ((1 - fy) * ((1 - fx) * auto[y0, x0] + fx * auto[y0, x1])
-             + fy * ((1 - fx) * auto[y1, x0] + fx * auto[y1, x1]))
-    count = inside.sum(axis=1)
-    return np.where(count > 0, (value * inside).sum(axis=1) / np.sqrt(np.maximum(count, 1)), -np.inf)
+    return _lattice_score(auto, y, x, inside)
 
 
 def _basis(lag: np.ndarray, angle: np.ndarray, aspect: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:

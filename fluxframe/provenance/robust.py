@@ -260,6 +260,21 @@ def _whiten(luma: np.ndarray) -> np.ndarray:
     return residual
 
 
+def _lattice_score(auto: np.ndarray, y: np.ndarray, x: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Per candidate lattice (rows of ``y``, ``x``: its points' lags), the cyclic autocorrelation read bilinearly
+    at the points ``inside`` marks, summed over them and divided by the square root of their number (-inf where
+    none is inside)."""
+    height, width = auto.shape
+    y0, x0 = np.floor(y), np.floor(x)
+    fy, fx = y - y0, x - x0
+    y0, x0 = y0.astype(np.int64) % height, x0.astype(np.int64) % width
+    y1, x1 = (y0 + 1) % height, (x0 + 1) % width
+    value = ((1 - fy) * ((1 - fx) * auto[y0, x0] + fx * auto[y0, x1])
+             + fy * ((1 - fx) * auto[y1, x0] + fx * auto[y1, x1]))
+    count = inside.sum(axis=1)
+    return np.where(count > 0, (value * inside).sum(axis=1) / np.sqrt(np.maximum(count, 1)), -np.inf)
+
+
 def _comb(auto: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """For each candidate period (px[k], py[k]), the autocorrelation summed over the points of that lattice
     (every (i·py, j·px) within half the autocorrelation's size, the origin left out), over the square root of
@@ -274,14 +289,7 @@ def _comb(auto: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     y = i[None, :] * py[:, None]
     x = j[None, :] * px[:, None]
     inside = (np.abs(y) <= limit) & (np.abs(x) <= limit)
-    y0, x0 = np.floor(y), np.floor(x)
-    fy, fx = y - y0, x - x0
-    y0, x0 = y0.astype(np.int64) % height, x0.astype(np.int64) % width
-    y1, x1 = (y0 + 1) % height, (x0 + 1) % width
-    value = ((1 - fy) * ((1 - fx) * auto[y0, x0] + fx * auto[y0, x1])
-             + fy * ((1 - fx) * auto[y1, x0] + fx * auto[y1, x1]))
-    count = inside.sum(axis=1)
-    return np.where(count > 0, (value * inside).sum(axis=1) / np.sqrt(np.maximum(count, 1)), -np.inf)
+    return _lattice_score(auto, y, x, inside)
 
 
 def _periods(residual: np.ndarray) -> list[tuple[float, float]]:
