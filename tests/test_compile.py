@@ -60,6 +60,31 @@ def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_in
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow_compile
+@pytest.mark.parametrize("fmt", ["int8", "nf4", pytest.param("fp8", marks=pytest.mark.skipif(
+    not hasattr(torch, "float8_e4m3fn"), reason="torch without float8_e4m3fn"))])
+def test_compiled_blocks_compose_with_a_quantised_dit(counting_inductor, fmt):
+    """The quantised linears dequantise inside the compiled block: the image is the uncompiled quantised one, one
+    graph per block class, no graph break or recompilation over two seeds (nf4's lookup table once failed dynamo's
+    guards: it was created lazily inside the first forward)."""
+    from torch._dynamo.utils import counters
+
+    memory = {"memory": {"strategy": "quantize", "quantize": {"format": fmt}}}
+    plain = api.load(api.parse_config({**TINY, **memory}))
+    compiled = api.load(api.parse_config({**TINY, **memory, "model": {**TINY["model"], "compile": True}}))
+    probe_frames = counting_inductor.frame_count
+    counters.clear()
+    for seed in (1, 2):
+        request = api.GenerationRequest(prompt="a cat", seed=seed)
+        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
+        assert got.compile["enabled"] is True
+        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
+            (got.latents - want.latents).abs().max()
+    assert counting_inductor.frame_count - probe_frames == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     from lora_helpers import write_peft_lora

@@ -99,7 +99,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_parameter("bias", linear.bias)
-        self._table: torch.Tensor | None = None
+        # nf4's byte -> two levels table, built here rather than on first use: a buffer moves with the codes (the
+        # offloading strategies move buffers), and ``torch.compile`` traces a forward that only reads it (setting
+        # an attribute from None to a tensor inside a compiled forward fails dynamo's guards). Not saved.
+        table = _nf4_byte_table(self.dtype, codes.device) if fmt == "nf4" else None
+        self.register_buffer("table", table, persistent=False)
 
     @property
     def nbytes(self) -> int:
@@ -111,10 +115,7 @@ class QuantLinear(nn.Module):
         scale = self.scale.to(self.dtype)
         if self.format != "nf4":
             return self.codes.to(self.dtype) * scale[:, None]
-        table = self._table
-        if table is None or table.device != self.codes.device:
-            table = self._table = _nf4_byte_table(self.dtype, self.codes.device)
-        groups = table[self.codes.int()].view(-1, self.group_size) * scale[:, None]
+        groups = self.table[self.codes.int()].view(-1, self.group_size) * scale[:, None]
         return groups.view(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
