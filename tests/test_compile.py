@@ -35,6 +35,27 @@ def counting_inductor(monkeypatch):
     torch._dynamo.reset()
 
 
+def compare_over_two_seeds(plain, compiled, counting_inductor) -> list:
+    """Both pipelines draw two seeds: the compiled latents equal the uncompiled within 1e-4, each block class
+    compiles one graph, with no graph break and no recompilation. Returns the (uncompiled, compiled) results."""
+    from torch._dynamo.utils import counters
+
+    probe_frames = counting_inductor.frame_count  # the compiler check at load compiles one test function
+    counters.clear()
+    results = []
+    for seed in (1, 2):
+        request = api.GenerationRequest(prompt="a cat", seed=seed)
+        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
+        assert got.compile["enabled"] is True
+        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
+            (got.latents - want.latents).abs().max()
+        results.append((want, got))
+    assert counting_inductor.frame_count - probe_frames == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    return results
+
+
 @pytest.mark.slow_compile
 def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_inductor):
     from torch._dynamo.utils import counters
@@ -45,18 +66,9 @@ def test_compiled_blocks_equal_uncompiled_and_compile_once_per_class(counting_in
     assert record["enabled"] is True
     # 2 double blocks, 2 single blocks of which the last (the text-token skip) stays eager
     assert record["blocks"] == {"DoubleBlock": 2, "SingleBlock": 1}
-    probe_frames = counting_inductor.frame_count  # the compiler check at load compiles one test function
-    counters.clear()
-
-    for seed in (1, 2):
-        request = api.GenerationRequest(prompt="a cat", seed=seed)
-        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
-        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
-            (got.latents - want.latents).abs().max()
+    # one graph per block class, compiled on the first step of the first seed, reused ever after
+    for _, got in compare_over_two_seeds(plain, compiled, counting_inductor):
         assert got.compile == record and "compile" in compiled.stages.model.describe()
-        # one graph per block class, compiled on the first step of the first seed, reused ever after
-        assert counting_inductor.frame_count - probe_frames == 2
-    assert not counters["recompiles"], dict(counters["recompiles"])
     assert counters["stats"]["unique_graphs"] == 2
 
 
@@ -67,22 +79,10 @@ def test_compiled_blocks_compose_with_a_quantised_dit(counting_inductor, fmt):
     """The quantised linears dequantise inside the compiled block: the image is the uncompiled quantised one, one
     graph per block class, no graph break or recompilation over two seeds (nf4's lookup table once failed dynamo's
     guards: it was created lazily inside the first forward)."""
-    from torch._dynamo.utils import counters
-
     memory = {"memory": {"strategy": "quantize", "quantize": {"format": fmt}}}
     plain = api.load(api.parse_config({**TINY, **memory}))
     compiled = api.load(api.parse_config({**TINY, **memory, "model": {**TINY["model"], "compile": True}}))
-    probe_frames = counting_inductor.frame_count
-    counters.clear()
-    for seed in (1, 2):
-        request = api.GenerationRequest(prompt="a cat", seed=seed)
-        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
-        assert got.compile["enabled"] is True
-        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
-            (got.latents - want.latents).abs().max()
-    assert counting_inductor.frame_count - probe_frames == 2
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert not counters["recompiles"], dict(counters["recompiles"])
+    compare_over_two_seeds(plain, compiled, counting_inductor)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,6 @@ def test_compiled_blocks_compose_with_offloading_a_lora_and_the_step_cache(count
     compiled forward (no graph breaks, still one graph per block class), and the image is the uncompiled one, with
     a LoRA applied; a step cache (forced to reuse every step it may) runs the compiled blocks on the steps it
     computes (first-block: the compiled first block is its probe)."""
-    from torch._dynamo.utils import counters
-
     cache = {"method": method, "threshold": 1.0}
     extra = {"memory": {"strategy": strategy}, "sampler": {**TINY["sampler"], "steps": 3, "cache": cache},
              "lora": [{"path": str(lora_file), "weight": 0.8}]}
@@ -111,18 +109,8 @@ def test_compiled_blocks_compose_with_offloading_a_lora_and_the_step_cache(count
     compiled = api.load(api.parse_config({**TINY, **extra, "model": {**TINY["model"], "compile": True}}))
     for pipeline in (plain, compiled):
         pipeline.stages.cache.threshold = 1e9  # no config may say this: reuse every step after the first
-    probe_frames = counting_inductor.frame_count
-    counters.clear()
-    for seed in (1, 2):
-        request = api.GenerationRequest(prompt="a cat", seed=seed)
-        want, got = plain.generate(request, write=False), compiled.generate(request, write=False)
-        assert got.compile["enabled"] is True
+    for want, got in compare_over_two_seeds(plain, compiled, counting_inductor):
         assert got.step_cache == want.step_cache and got.step_cache["reused"] == 2
-        assert torch.allclose(got.latents, want.latents, rtol=1e-4, atol=1e-4), \
-            (got.latents - want.latents).abs().max()
-    assert counting_inductor.frame_count - probe_frames == 2
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert not counters["recompiles"], dict(counters["recompiles"])
     memory = compiled.stages.model.memory
     assert memory.stats["onloads"] > 0  # the weights did move
     if strategy == "group-offload":  # each block group onloaded before its first block, offloaded after its last
