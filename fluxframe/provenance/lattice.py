@@ -78,7 +78,13 @@ _REACH_FINE = 4  # ... and the refinement up to this many
 _SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
 _POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
 _CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
-
+# Informed embedding (see ``embed_rgb``):
+_ROUNDS = 3  # closed-loop rounds: mark, read back at the known lattice, re-weight (0: the uninformed mark)
+_GAIN_MIN, _GAIN_MAX = 0.4, 3.0  # a coded bit's chip amplitude, relative to the uninformed mark's
+_MARGIN = 0.5  # least margin sought on every coded bit, in units of one chip's response at amplitude 1
+_GIVE_UP = 10  # at most this many coded bits left to the BCH code where the energy does not reach _MARGIN on all
+_SYNC_TARGET = 9.0  # sync confidence sought on the unmarked-geometry read (claimed from CONFIDENCE_THRESHOLD)
+_SYNC_GAIN_MAX = 1.6  # the sync chips' amplitude, relative to the uninformed mark's, is raised up to this
 
 def validate_message(bits: str, *, key: str) -> str:
     return robust_validate_message(bits, key=key, method=METHOD)
@@ -106,34 +112,138 @@ PATTERN = ChipPattern(TILE, CHIP, _SEED, _SMOOTH)
 # --- embedding --------------------------------------------------------------------------------------------------
 
 
+def _read_at_origin(rgb: np.ndarray, length: int) -> tuple[np.ndarray, float]:
+    """What ``read`` takes from an image marked at its own size and not changed since — the soft values of the
+    coded bits and the sync confidence — on the lattice known (the tile's own, at offset 0) instead of searched."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
+    shrink = tile_scale(width, height)  # as ``read``: the tile comes back to its base size
+    if shrink > 1:
+        luma = cv2.resize(luma, (width // shrink, height // shrink), interpolation=cv2.INTER_AREA)
+    folded, _ = _fold(_whiten(luma), np.array([TILE, 0.0]), np.array([0.0, TILE]))
+    return PATTERN.soft_words(folded, (0, 0), {length})[length], PATTERN.sync_confidence(folded, (0, 0))
+
+
 def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
-    """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``)."""
+    """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``).
+
+    Informed: the uninformed mark (every chip at amplitude 1) is read back the way ``read`` reads it, on the
+    lattice known; what the image itself puts on each coded bit (its interference) is that reading less the
+    mark's own response, and the chip amplitudes are re-weighted (``_allocate``) so that the bits the image works
+    against get more of the same energy and those it helps get less; the sync chips are raised until the sync
+    confidence reaches ``_SYNC_TARGET``. Then again from the new mark, ``_ROUNDS`` times in all. The PSNR bounds
+    apply to every round's mark as to the uninformed one."""
+    import cv2
+
     height, width = rgb.shape[:2]
     if min(height, width) < MIN_EDGE:
         raise ProvenanceError(too_small(width, height))
-    tile = PATTERN.tile(PATTERN.chips(encode_bits(bits)), tile_scale(width, height))
-    tile /= np.sqrt(np.mean(tile**2))
-    size = tile.shape[0]
-    pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
-    import cv2
-
+    word = encode_bits(bits)
+    scale = tile_scale(width, height)
     luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
     detail = luma - _blur(luma, 1.5)
     activity = np.sqrt(_blur(detail * detail, 4.0))
     amplitude = np.clip(_AMP_FLAT + _AMP_GAIN * activity, _AMP_FLAT, _AMP_MAX)
-    delta = amplitude * pattern
     # Along the luma weights (R, G, B in proportion to their share of luma): the change of luma each unit of
     # squared error buys is the largest (1.34 times a grey change, +1.3 dB at the same PSNR); what it adds to
     # chroma is fine-grained, where the eye resolves colour least.
-    direction = _LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)
-    rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
+    direction = (_LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)).astype(np.float32)
     limit, floor = (255.0 / 10 ** (target / 20) for target in (PSNR_TARGET, PSNR_FLAT))
-    if rms > limit or rms < floor:
-        delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
-    out = rgb.astype(np.float32) + delta[..., None] * direction.astype(np.float32)
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
+    original = rgb.astype(np.float32)
+
+    def mark(gains: np.ndarray | None, sync_gain: float) -> np.ndarray:
+        tile = PATTERN.tile(PATTERN.chips(word, gains, sync_gain), scale)
+        tile /= np.sqrt(np.mean(tile**2))
+        size = tile.shape[0]
+        pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
+        delta = amplitude * pattern
+        rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
+        if rms > limit or rms < floor:
+            delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
+        out = original + delta[..., None] * direction
+        np.rint(out, out=out)
+        np.clip(out, 0, 255, out=out)
+        return out.astype(np.uint8)
+
+    out = mark(None, 1.0)
+    if _ROUNDS == 0:
+        return out
+    sign = 2.0 * word - 1.0
+    chips = np.bincount(np.arange(len(PATTERN.message)) % len(word), minlength=len(word)).astype(np.float64)
+    # The tile is normalised to the same rms whatever the amplitudes, so the sum of squared chip amplitudes is
+    # the budget: what the sync chips take above 1 the message chips give up.
+    energy = float(len(PATTERN.message) + len(PATTERN.sync))
+    host_soft, host_sync = _read_at_origin(rgb, len(bits))
+    host = host_soft * sign
+    gains, sync_gain = np.ones(len(word)), 1.0
+    for _ in range(_ROUNDS):
+        soft, sync = _read_at_origin(out, len(bits))
+        margin = soft * sign
+        used = gains * chips
+        # The detector's response to one chip at amplitude 1, from what the mark added to the unmarked reading
+        # (one figure for all bits: every chip is averaged over every copy of the tile).
+        response = float(np.sum(margin - host) / np.sum(used))
+        if response <= 0:
+            break
+        # The confidence grows about linearly with the sync chips' amplitude (the noise floor is the image's).
+        slope = (sync - host_sync) / sync_gain
+        if slope > 0:
+            sync_gain = float(np.clip((_SYNC_TARGET - host_sync) / slope, 1.0, _SYNC_GAIN_MAX))
+        need = (margin - response * used) / (response * chips)  # the image's part, in chip responses
+        gains = _allocate(need, chips, energy - len(PATTERN.sync) * sync_gain**2)
+        out = mark(gains, sync_gain)
+    return out
+
+
+def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
+    """The chip amplitudes of the coded bits: bit b, spread on ``chips[b]`` chips at amplitude g[b], reads
+    ``chips[b] · (need[b] + g[b])`` chip responses (``need``: what the image puts on it, negative where it works
+    against the bit). Its margin over its noise (which grows as √chips) is ``(need[b] + g[b]) · √chips[b]``.
+
+    The least margin over the bits is maximised within the energy (Σ chips · g²), each g in [``_GAIN_MIN``,
+    ``_GAIN_MAX``]. Bits that would need more than ``_GAIN_MAX`` to reach ``_MARGIN``, and where the energy does
+    not bring every bit to ``_MARGIN`` the dearest ones (up to ``_GIVE_UP`` in all), stay at ``_GAIN_MIN`` for
+    the BCH code to correct. And the mark's correlation with the image, Σ chips · g · need, is kept at least
+    where the uninformed mark (g = 1) had it: the lattice search reads the autocorrelation of the whitened image,
+    whose peaks are the mark's energy plus twice that correlation — a mark that only fought the image would
+    cancel its own peaks. Where it would fall short, the bits the image helps are raised in proportion to the
+    help (the least energy that restores it)."""
+    root = np.sqrt(chips)
+    correlation = float(np.sum(chips * need))
+
+    def spend(target: float, given_up: np.ndarray) -> np.ndarray:
+        low = np.maximum(target / root - need, _GAIN_MIN)
+        low[given_up] = _GAIN_MIN
+        if np.sum(chips * low * need) >= correlation:
+            return low
+        lo, hi = 0.0, 10.0
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if np.sum(chips * np.minimum(np.maximum(low, mid * need), _GAIN_MAX) * need) >= correlation:
+                hi = mid
+            else:
+                lo = mid
+        return np.minimum(np.maximum(low, hi * need), _GAIN_MAX)
+
+    required = _MARGIN / root - need
+    order = np.argsort(required)[::-1]
+    given_up = np.zeros(len(need), bool)
+    for count in range(_GIVE_UP + 1):
+        given_up[:] = False
+        given_up[order[:count]] = True
+        if required[order[count]] <= _GAIN_MAX and np.sum(chips * spend(_MARGIN, given_up) ** 2) <= energy:
+            break
+    lo, hi = -10.0, 10.0
+    for _ in range(30):
+        target = 0.5 * (lo + hi)
+        over = (target / root - need > _GAIN_MAX) & ~given_up
+        if over.any() or np.sum(chips * spend(target, given_up) ** 2) > energy:
+            hi = target
+        else:
+            lo = target
+    return spend(lo, given_up)
 
 
 # --- detection --------------------------------------------------------------------------------------------------
