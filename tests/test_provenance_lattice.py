@@ -6,8 +6,6 @@ unmarked images are not claimed, bad inputs are refused naming the field, and ``
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import robustness as rb
@@ -156,9 +154,9 @@ def test_verify_reports_rotation_and_scale(marked, tmp_path):
     assert found["robust"]["rotation"] == pytest.approx(3.0, abs=0.4)
     summary = report.summary()
     assert "fluxframe (fluxframe-rs), message " + MESSAGE in summary
-    # the scale as estimated (within 0.01 of 1, as asserted above), to three decimals
-    assert re.search(r"geometry:     rotated \+3\.0° \(counter-clockwise\), scale x (0\.99\d|1\.00\d), "
-                     r"y (0\.99\d|1\.00\d)", summary), summary
+    # the rotation and scale as estimated (close to the truth, as asserted above), to 0.1° and three decimals
+    rotation, (x, y) = round(found["rotation"], 1) + 0.0, found["scale"]
+    assert f"geometry:     rotated {rotation:+.1f}° (counter-clockwise), scale x {x:.3f}, y {y:.3f}" in summary, summary
 
 
 # --- informed embedding -------------------------------------------------------------------------------------------
@@ -175,9 +173,12 @@ def _uninformed(monkeypatch, image: Image.Image) -> Image.Image:
 def _margins(marked: Image.Image) -> tuple[np.ndarray, float]:
     """Each coded bit's soft value times its sign (positive: read right) and the sync confidence, read on the
     lattice known."""
+    import cv2
+
     from fluxframe.provenance.robust import encode_bits
 
-    soft, sync = lattice._read_at_origin(np.asarray(marked), len(MESSAGE))
+    luma = cv2.cvtColor(np.asarray(marked).astype(np.float32), cv2.COLOR_RGB2GRAY)  # as ``read`` takes it
+    soft, sync = lattice._read_at_origin(luma, len(MESSAGE))
     return soft * (2.0 * encode_bits(MESSAGE) - 1.0), sync
 
 
@@ -188,7 +189,7 @@ def test_textured_photos_the_uninformed_mark_lost_now_read_after_jpeg(monkeypatc
     assert before["decoded"] != MESSAGE, before
     marked, _ = wm.embed(image, MESSAGE, method=RS)
     assert rb.psnr(image, marked) >= 39.5
-    for attack in ("none", "JPEG 75", "JPEG 60", "WebP 80"):
+    for attack in ("none", "JPEG 90", "JPEG 75", "JPEG 60"):
         found = wm.match(rb.ISSUE26[attack](marked), {"fluxframe": MESSAGE}, method=RS)
         assert found["detected"] and found["decoded"] == MESSAGE, (attack, found)
 

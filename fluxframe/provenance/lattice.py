@@ -117,13 +117,13 @@ PATTERN = ChipPattern(TILE, CHIP, _SEED, _SMOOTH)
 # --- embedding --------------------------------------------------------------------------------------------------
 
 
-def _read_at_origin(rgb: np.ndarray, length: int) -> tuple[np.ndarray, float]:
-    """What ``read`` takes from an image marked at its own size and not changed since — the soft values of the
-    coded bits and the sync confidence — on the lattice known (the tile's own, at offset 0) instead of searched."""
+def _read_at_origin(luma: np.ndarray, length: int) -> tuple[np.ndarray, float]:
+    """What ``read`` takes from the luminance of an image marked at its own size and not changed since — the soft
+    values of the coded bits and the sync confidence — on the lattice known (the tile's own, at offset 0) instead
+    of searched."""
     import cv2
 
-    height, width = rgb.shape[:2]
-    luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
+    height, width = luma.shape
     shrink = tile_scale(width, height)  # as ``read``: the tile comes back to its base size
     if shrink > 1:
         luma = cv2.resize(luma, (width // shrink, height // shrink), interpolation=cv2.INTER_AREA)
@@ -156,9 +156,9 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
     # chroma is fine-grained, where the eye resolves colour least.
     direction = (_LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)).astype(np.float32)
     limit, floor = (255.0 / 10 ** (target / 20) for target in (PSNR_TARGET, PSNR_FLAT))
-    original = rgb.astype(np.float32)
 
-    def mark(gains: np.ndarray | None, sync_gain: float) -> np.ndarray:
+    def change(gains: np.ndarray | None, sync_gain: float) -> np.ndarray:
+        """The luma change of a mark with these chip amplitudes, within the PSNR bounds."""
         tile = PATTERN.tile(PATTERN.chips(word, gains, sync_gain), scale)
         tile /= np.sqrt(np.mean(tile**2))
         size = tile.shape[0]
@@ -167,24 +167,29 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
         rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
         if rms > limit or rms < floor:
             delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
-        out = original + delta[..., None] * direction
+        return delta
+
+    def mark(delta: np.ndarray) -> np.ndarray:
+        out = rgb.astype(np.float32) + delta[..., None] * direction
         np.rint(out, out=out)
         np.clip(out, 0, 255, out=out)
         return out.astype(np.uint8)
 
-    out = mark(None, 1.0)
+    delta = change(None, 1.0)
     if _ROUNDS == 0:
-        return out
+        return mark(delta)
     sign = 2.0 * word - 1.0
     chips = np.bincount(np.arange(len(PATTERN.message)) % len(word), minlength=len(word)).astype(np.float64)
     # The tile is normalised to the same rms whatever the amplitudes, so the sum of squared chip amplitudes is
     # the budget: what the sync chips take above 1 the message chips give up.
     energy = float(len(PATTERN.message) + len(PATTERN.sync))
-    host_soft, host_sync = _read_at_origin(rgb, len(bits))
+    host_soft, host_sync = _read_at_origin(luma, len(bits))
     host = host_soft * sign
     gains, sync_gain = np.ones(len(word)), 1.0
     for _ in range(_ROUNDS):
-        soft, sync = _read_at_origin(out, len(bits))
+        # The marked image's luma is the image's plus the change (the direction's luma is 1), but for rounding
+        # to integers and clipping at 0 and 255: near enough to weigh the chips by, without building the image.
+        soft, sync = _read_at_origin(luma + delta, len(bits))
         margin = soft * sign
         used = gains * chips
         # The detector's response to one chip at amplitude 1, from what the mark added to the unmarked reading
@@ -198,8 +203,8 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
             sync_gain = float(np.clip((_SYNC_TARGET - host_sync) / slope, 1.0, _SYNC_GAIN_MAX))
         need = (margin - response * used) / (response * chips)  # the image's part, in chip responses
         gains = _allocate(need, chips, energy - len(PATTERN.sync) * sync_gain**2)
-        out = mark(gains, sync_gain)
-    return out
+        delta = change(gains, sync_gain)
+    return mark(delta)
 
 
 def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
