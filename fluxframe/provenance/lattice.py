@@ -12,10 +12,11 @@ change) — from the autocorrelation before it reads the message.
   against the unmarked image lies between ``PSNR_TARGET`` and ``PSNR_FLAT``; but added along the luma weights
   (R, G, B in proportion to their share of luma), which buys 1.34 times the luma change of a grey change for the
   same squared error. And **informed**: the embedder knows the image, so it reads its own mark back the way the
-  detector will (same whitening, fold and matched filter, on the lattice it embedded) and re-weights the chips —
-  more amplitude on the coded bits the image works against, less on those it helps, at the same energy, and the
-  sync chips raised until the sync confidence reaches ``_SYNC_TARGET`` — three rounds (``embed_rgb``,
-  ``_allocate``). The detector does not know or need the weights: marks made before read as they did.
+  detector will (same whitening, fold and matched filter, on the lattice it embedded, from the luma plus the
+  change) and re-weights the chips — more amplitude on the coded bits the image works against, less on those it
+  helps, at the same energy, and the sync chips raised until the sync confidence reaches ``_SYNC_TARGET`` — three
+  rounds (``embed_rgb``, ``_allocate``). The detector does not know or need the weights: marks made before read
+  as they did.
 * **Detection.** The luminance (reduced k times on large images) is whitened; its autocorrelation has a peak on
   every point of the lattice the two tile edges span, however the image was rotated, resized or stretched. A
   search over the lattice's period, angle (±``MAX_ANGLE``°) and aspect, then a refinement of both basis vectors
@@ -86,10 +87,13 @@ _CHASE = 5  # least reliable bits flipped in every combination by the soft decod
 # Informed embedding (see ``embed_rgb``):
 _ROUNDS = 3  # closed-loop rounds: mark, read back at the known lattice, re-weight (0: the uninformed mark)
 _GAIN_MIN, _GAIN_MAX = 0.4, 3.0  # a coded bit's chip amplitude, relative to the uninformed mark's
-_MARGIN = 0.5  # least margin sought on every coded bit, in units of one chip's response at amplitude 1
+_MARGIN = 0.5  # least margin sought on every coded bit, in one chip's response at amplitude 1 (see _allocate)
+_RAISE_MAX = 1.5  # bits the image helps are raised up to this where the correlation constraint needs it
+_ENOUGH = 1.0  # margin beyond which the energy left is spread evenly rather than on the least margins
 _GIVE_UP = 10  # at most this many coded bits left to the BCH code where the energy does not reach _MARGIN on all
-_SYNC_TARGET = 9.0  # sync confidence sought on the unmarked-geometry read (claimed from CONFIDENCE_THRESHOLD)
+_SYNC_TARGET = 9.0  # sync confidence sought on the read at the known lattice (claimed from CONFIDENCE_THRESHOLD)
 _SYNC_GAIN_MAX = 1.6  # the sync chips' amplitude, relative to the uninformed mark's, is raised up to this
+
 
 def validate_message(bits: str, *, key: str) -> str:
     return robust_validate_message(bits, key=key, method=METHOD)
@@ -209,41 +213,47 @@ def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
 
 def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
     """The chip amplitudes of the coded bits: bit b, spread on ``chips[b]`` chips at amplitude g[b], reads
-    ``chips[b] · (need[b] + g[b])`` chip responses (``need``: what the image puts on it, negative where it works
-    against the bit). Its margin over its noise (which grows as √chips) is ``(need[b] + g[b]) · √chips[b]``.
+    ``chips[b] · (need[b] + g[b])`` chip responses (``need``: what the image — and, through the whitening, the
+    rest of the mark — put on it, negative where they work against the bit). Its margin over its noise (which
+    grows as √chips) is ``(need[b] + g[b]) · √chips[b]``.
 
     The least margin over the bits is maximised within the energy (Σ chips · g²), each g in [``_GAIN_MIN``,
     ``_GAIN_MAX``]. Bits that would need more than ``_GAIN_MAX`` to reach ``_MARGIN``, and where the energy does
     not bring every bit to ``_MARGIN`` the dearest ones (up to ``_GIVE_UP`` in all), stay at ``_GAIN_MIN`` for
-    the BCH code to correct. And the mark's correlation with the image, Σ chips · g · need, is kept at least
-    where the uninformed mark (g = 1) had it: the lattice search reads the autocorrelation of the whitened image,
-    whose peaks are the mark's energy plus twice that correlation — a mark that only fought the image would
-    cancel its own peaks. Where it would fall short, the bits the image helps are raised in proportion to the
-    help (the least energy that restores it)."""
+    the BCH code to correct. Where every bit can have ``_ENOUGH``, the energy left raises a floor under all the
+    amplitudes instead (the uninformed mark's even amplitudes, with only the bits the image works against above
+    it: equal margins would spend it on peaks, visible on flat images). And the mark's correlation with the
+    image, Σ chips · g · need, is kept at least where the uninformed mark (g = 1) had it: the lattice search
+    reads the autocorrelation of the whitened image, whose peaks are the mark's energy plus twice that
+    correlation — a mark that only fought the image would cancel its own peaks. Where it would fall short, the
+    bits the image helps are raised in proportion to the help, up to ``_RAISE_MAX`` (the least energy that
+    restores it, without peaks)."""
     root = np.sqrt(chips)
     correlation = float(np.sum(chips * need))
 
-    def spend(target: float, given_up: np.ndarray) -> np.ndarray:
-        low = np.maximum(target / root - need, _GAIN_MIN)
+    def spend(target: float, given_up: np.ndarray, floor: float = _GAIN_MIN) -> np.ndarray:
+        low = np.maximum(target / root - need, floor)
         low[given_up] = _GAIN_MIN
         short = correlation - float(np.sum(chips * low * need))
         if short <= 0:
             return low
-        # Raise the helped bits to μ·need (capped at _GAIN_MAX), μ the least that makes up the shortfall: what
-        # they add is piecewise linear and increasing in μ, so it is evaluated at every breakpoint and
-        # interpolated between the two around the shortfall.
+        # Raise the bits the image helps to μ·need (capped at _RAISE_MAX), μ the least that makes up the
+        # shortfall: what they add is piecewise linear and increasing in μ, so it is evaluated at every breakpoint
+        # and interpolated between the two around the shortfall.
         helped = need > 0
         h_need, h_low, h_chips = need[helped], low[helped], chips[helped]
-        breaks = np.unique(np.concatenate([h_low / h_need, _GAIN_MAX / h_need]))
-        added = np.sum(h_chips * h_need * (np.clip(breaks[:, None] * h_need, h_low, _GAIN_MAX) - h_low), axis=1)
+        top_all = np.maximum(low, _RAISE_MAX)
+        top = top_all[helped]
+        breaks = np.unique(np.concatenate([h_low / h_need, top / h_need]))
+        added = np.sum(h_chips * h_need * (np.clip(breaks[:, None] * h_need, h_low, top) - h_low), axis=1)
         k = int(np.searchsorted(added, short))
         if k >= len(breaks):
-            mu = breaks[-1]  # every helped bit at _GAIN_MAX: as far as it goes
+            mu = breaks[-1]  # every helped bit at _RAISE_MAX: as far as it goes
         elif k == 0:
             mu = breaks[0]
         else:
             mu = breaks[k - 1] + (short - added[k - 1]) / (added[k] - added[k - 1]) * (breaks[k] - breaks[k - 1])
-        return np.where(helped, np.clip(mu * need, low, _GAIN_MAX), low)
+        return np.where(helped, np.clip(mu * need, low, top_all), low)
 
     required = _MARGIN / root - need
     order = np.argsort(required)[::-1]
@@ -253,15 +263,23 @@ def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
         given_up[order[:count]] = True
         if required[order[count]] <= _GAIN_MAX and np.sum(chips * spend(_MARGIN, given_up) ** 2) <= energy:
             break
-    lo, hi = -10.0, 10.0
-    for _ in range(24):  # to 1e-6
+    def fits(target: float, floor: float = _GAIN_MIN) -> bool:
+        if np.any((np.maximum(target / root - need, floor) > _GAIN_MAX) & ~given_up):
+            return False
+        return float(np.sum(chips * spend(target, given_up, floor) ** 2)) <= energy
+
+    lo, hi = -10.0, _ENOUGH
+    if fits(hi):
+        lo = hi
+    for _ in range(24 if lo < hi else 0):  # to 1e-6
         target = 0.5 * (lo + hi)
-        over = (target / root - need > _GAIN_MAX) & ~given_up
-        if over.any() or np.sum(chips * spend(target, given_up) ** 2) > energy:
-            hi = target
-        else:
-            lo = target
-    return spend(lo, given_up)
+        lo, hi = (target, hi) if fits(target) else (lo, target)
+    # Energy left over once every bit has _ENOUGH: the floor, raised until it is spent.
+    floor_lo, floor_hi = _GAIN_MIN, _GAIN_MAX
+    for _ in range(24 if lo >= _ENOUGH else 0):
+        floor = 0.5 * (floor_lo + floor_hi)
+        floor_lo, floor_hi = (floor, floor_hi) if fits(lo, floor) else (floor_lo, floor)
+    return spend(lo, given_up, floor_lo)
 
 
 # --- detection --------------------------------------------------------------------------------------------------
