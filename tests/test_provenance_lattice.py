@@ -239,3 +239,17 @@ def test_allocation_keeps_energy_bounds_and_correlation():
             # fewer bits read wrong, and all but the _GIVE_UP weakest further from wrong than before
             assert np.count_nonzero(margin < 0) < max(1, np.count_nonzero(uninformed < 0))
             assert margin[lattice._GIVE_UP] > uninformed[lattice._GIVE_UP]
+
+
+def test_informed_mark_stays_even_on_flat_images(monkeypatch):
+    """Where the image works against no bit, the energy goes back evenly: no chip peaks on a flat field (the
+    uninformed mark's largest change there is 3 grey levels)."""
+    for value in (128, 255):
+        flat = Image.new("RGB", (256, 256), (value, value, value))
+        old = np.asarray(_uninformed(monkeypatch, flat), dtype=np.int16) - value
+        marked, _ = wm.embed(flat, MESSAGE, method=RS)
+        new = np.asarray(marked, dtype=np.int16) - value
+        assert np.abs(new).max() <= np.abs(old).max() + 1, (value, np.abs(old).max(), np.abs(new).max())
+        assert rb.psnr(flat, marked) >= 43.5
+        found = wm.match(marked, {"fluxframe": MESSAGE}, method=RS)
+        assert found["detected"] and found["decoded"] == MESSAGE
