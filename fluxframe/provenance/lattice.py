@@ -11,7 +11,12 @@ change) — from the autocorrelation before it reads the message.
 * **Embedding.** As ``fluxframe-ss``, with an amplitude following local activity, scaled so that the PSNR
   against the unmarked image lies between ``PSNR_TARGET`` and ``PSNR_FLAT``; but added along the luma weights
   (R, G, B in proportion to their share of luma), which buys 1.34 times the luma change of a grey change for the
-  same squared error.
+  same squared error. And **informed**: the embedder knows the image, so it reads its own mark back the way the
+  detector will (same whitening, fold and matched filter, on the lattice it embedded, from the luma plus the
+  change) and re-weights the chips — more amplitude on the coded bits the image works against, less on those it
+  helps, at the same energy, and the sync chips raised until the sync confidence reaches ``_SYNC_TARGET`` — three
+  rounds (``embed_rgb``, ``_allocate``). The detector does not know or need the weights: marks made before read
+  as they did.
 * **Detection.** The luminance (reduced k times on large images) is whitened; its autocorrelation has a peak on
   every point of the lattice the two tile edges span, however the image was rotated, resized or stretched. A
   search over the lattice's period, angle (±``MAX_ANGLE``°) and aspect, then a refinement of both basis vectors
@@ -26,9 +31,10 @@ change) — from the autocorrelation before it reads the message.
 
 A mark is claimed only at ``CONFIDENCE_THRESHOLD`` and a decode within the code's correction radius plus the
 ``_CHASE`` flipped bits (see ``robust.decode_word``). Dense fine textures (gravel, grass, brick) at 256² do not hold
-a readable mark at PSNR 40 dB. Images with either edge under ``MIN_EDGE`` are not marked. Rotation beyond
-``MAX_ANGLE``, downscaling that leaves the chips under ~2 px (a 256² image resized to half) and regeneration are
-outside what it reliably survives (bench/watermark_grid.py measures it).
+a readable mark at PSNR 40 dB, nor do some textured photos (astronaut, immunohistochemistry) at 256². Images with
+either edge under ``MIN_EDGE`` are not marked. Rotation beyond ``MAX_ANGLE``, downscaling that leaves the chips
+under ~2 px (a 256² image resized to half) and regeneration are outside what it reliably survives
+(bench/watermark_grid.py measures it).
 """
 
 from __future__ import annotations
@@ -78,6 +84,15 @@ _REACH_FINE = 4  # ... and the refinement up to this many
 _SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
 _POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
 _CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
+# Informed embedding (see ``embed_rgb``):
+_ROUNDS = 3  # closed-loop rounds: mark, read back at the known lattice, re-weight (0: the uninformed mark)
+_GAIN_MIN, _GAIN_MAX = 0.4, 3.0  # a coded bit's chip amplitude, relative to the uninformed mark's
+_MARGIN = 0.5  # least margin sought on every coded bit, in one chip's response at amplitude 1 (see _allocate)
+_RAISE_MAX = 1.5  # bits the image helps are raised up to this where the correlation constraint needs it
+_ENOUGH = 1.0  # margin beyond which the energy left is spread evenly rather than on the least margins
+_GIVE_UP = 10  # at most this many coded bits left to the BCH code where the energy does not reach _MARGIN on all
+_SYNC_TARGET = 9.0  # sync confidence sought on the read at the known lattice (claimed from CONFIDENCE_THRESHOLD)
+_SYNC_GAIN_MAX = 1.6  # the sync chips' amplitude, relative to the uninformed mark's, is raised up to this
 
 
 def validate_message(bits: str, *, key: str) -> str:
@@ -106,34 +121,165 @@ PATTERN = ChipPattern(TILE, CHIP, _SEED, _SMOOTH)
 # --- embedding --------------------------------------------------------------------------------------------------
 
 
+def _read_at_origin(luma: np.ndarray, length: int) -> tuple[np.ndarray, float]:
+    """What ``read`` takes from the luminance of an image marked at its own size and not changed since — the soft
+    values of the coded bits and the sync confidence — on the lattice known (the tile's own, at offset 0) instead
+    of searched."""
+    import cv2
+
+    height, width = luma.shape
+    shrink = tile_scale(width, height)  # as ``read``: the tile comes back to its base size
+    if shrink > 1:
+        luma = cv2.resize(luma, (width // shrink, height // shrink), interpolation=cv2.INTER_AREA)
+    folded, _ = _fold(_whiten(luma), np.array([TILE, 0.0]), np.array([0.0, TILE]))
+    return PATTERN.soft_words(folded, (0, 0), {length})[length], PATTERN.sync_confidence(folded, (0, 0))
+
+
 def embed_rgb(rgb: np.ndarray, bits: str) -> np.ndarray:
-    """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``)."""
+    """``rgb`` (uint8 H×W×3) marked with ``bits``; the caller checks the size first (``too_small``).
+
+    Informed: the uninformed mark (every chip at amplitude 1) is read back the way ``read`` reads it, on the
+    lattice known; what the image itself puts on each coded bit (its interference) is that reading less the
+    mark's own response, and the chip amplitudes are re-weighted (``_allocate``) so that the bits the image works
+    against get more of the same energy and those it helps get less; the sync chips are raised until the sync
+    confidence reaches ``_SYNC_TARGET``. Then again from the new mark, ``_ROUNDS`` times in all. The PSNR bounds
+    apply to every round's mark as to the uninformed one."""
+    import cv2
+
     height, width = rgb.shape[:2]
     if min(height, width) < MIN_EDGE:
         raise ProvenanceError(too_small(width, height))
-    tile = PATTERN.tile(PATTERN.chips(encode_bits(bits)), tile_scale(width, height))
-    tile /= np.sqrt(np.mean(tile**2))
-    size = tile.shape[0]
-    pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
-    import cv2
-
+    word = encode_bits(bits)
+    scale = tile_scale(width, height)
     luma = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
     detail = luma - _blur(luma, 1.5)
     activity = np.sqrt(_blur(detail * detail, 4.0))
     amplitude = np.clip(_AMP_FLAT + _AMP_GAIN * activity, _AMP_FLAT, _AMP_MAX)
-    delta = amplitude * pattern
     # Along the luma weights (R, G, B in proportion to their share of luma): the change of luma each unit of
     # squared error buys is the largest (1.34 times a grey change, +1.3 dB at the same PSNR); what it adds to
     # chroma is fine-grained, where the eye resolves colour least.
-    direction = _LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)
-    rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
+    direction = (_LUMA_WEIGHTS / float(_LUMA_WEIGHTS @ _LUMA_WEIGHTS)).astype(np.float32)
     limit, floor = (255.0 / 10 ** (target / 20) for target in (PSNR_TARGET, PSNR_FLAT))
-    if rms > limit or rms < floor:
-        delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
-    out = rgb.astype(np.float32) + delta[..., None] * direction.astype(np.float32)
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
+
+    def change(gains: np.ndarray | None, sync_gain: float) -> np.ndarray:
+        """The luma change of a mark with these chip amplitudes, within the PSNR bounds."""
+        tile = PATTERN.tile(PATTERN.chips(word, gains, sync_gain), scale)
+        tile /= np.sqrt(np.mean(tile**2))
+        size = tile.shape[0]
+        pattern = np.tile(tile, (-(-height // size), -(-width // size)))[:height, :width].astype(np.float32)
+        delta = amplitude * pattern
+        rms = float(np.sqrt(np.mean(delta.astype(np.float64) ** 2) * float(np.mean(direction**2))))
+        if rms > limit or rms < floor:
+            delta *= (limit if rms > limit else floor) / max(rms, 1e-6)
+        return delta
+
+    def mark(delta: np.ndarray) -> np.ndarray:
+        out = rgb.astype(np.float32) + delta[..., None] * direction
+        np.rint(out, out=out)
+        np.clip(out, 0, 255, out=out)
+        return out.astype(np.uint8)
+
+    delta = change(None, 1.0)
+    if _ROUNDS == 0:
+        return mark(delta)
+    sign = 2.0 * word - 1.0
+    chips = np.bincount(np.arange(len(PATTERN.message)) % len(word), minlength=len(word)).astype(np.float64)
+    # The tile is normalised to the same rms whatever the amplitudes, so the sum of squared chip amplitudes is
+    # the budget: what the sync chips take above 1 the message chips give up.
+    energy = float(len(PATTERN.message) + len(PATTERN.sync))
+    host_soft, host_sync = _read_at_origin(luma, len(bits))
+    host = host_soft * sign
+    gains, sync_gain = np.ones(len(word)), 1.0
+    for _ in range(_ROUNDS):
+        # The marked image's luma is the image's plus the change (the direction's luma is 1), but for rounding
+        # to integers and clipping at 0 and 255: near enough to weigh the chips by, without building the image.
+        soft, sync = _read_at_origin(luma + delta, len(bits))
+        margin = soft * sign
+        used = gains * chips
+        # The detector's response to one chip at amplitude 1, from what the mark added to the unmarked reading
+        # (one figure for all bits: every chip is averaged over every copy of the tile).
+        response = float(np.sum(margin - host) / np.sum(used))
+        if response <= 0:
+            break
+        # The confidence grows about linearly with the sync chips' amplitude (the noise floor is the image's).
+        slope = (sync - host_sync) / sync_gain
+        if slope > 0:
+            sync_gain = float(np.clip((_SYNC_TARGET - host_sync) / slope, 1.0, _SYNC_GAIN_MAX))
+        need = (margin - response * used) / (response * chips)  # the image's part, in chip responses
+        gains = _allocate(need, chips, energy - len(PATTERN.sync) * sync_gain**2)
+        delta = change(gains, sync_gain)
+    return mark(delta)
+
+
+def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
+    """The chip amplitudes of the coded bits: bit b, spread on ``chips[b]`` chips at amplitude g[b], reads
+    ``chips[b] · (need[b] + g[b])`` chip responses (``need``: what the image — and, through the whitening, the
+    rest of the mark — put on it, negative where they work against the bit). Its margin over its noise (which
+    grows as √chips) is ``(need[b] + g[b]) · √chips[b]``.
+
+    The least margin over the bits is maximised within the energy (Σ chips · g²), each g in [``_GAIN_MIN``,
+    ``_GAIN_MAX``]. Bits that would need more than ``_GAIN_MAX`` to reach ``_MARGIN``, and where the energy does
+    not bring every bit to ``_MARGIN`` the dearest ones (up to ``_GIVE_UP`` in all), stay at ``_GAIN_MIN`` for
+    the BCH code to correct. Where every bit can have ``_ENOUGH``, the energy left raises a floor under all the
+    amplitudes instead (the uninformed mark's even amplitudes, with only the bits the image works against above
+    it: equal margins would spend it on peaks, visible on flat images). And the mark's correlation with the
+    image, Σ chips · g · need, is kept at least where the uninformed mark (g = 1) had it: the lattice search
+    reads the autocorrelation of the whitened image, whose peaks are the mark's energy plus twice that
+    correlation — a mark that only fought the image would cancel its own peaks. Where it would fall short, the
+    bits the image helps are raised in proportion to the help, up to ``_RAISE_MAX`` (the least energy that
+    restores it, without peaks)."""
+    root = np.sqrt(chips)
+    correlation = float(np.sum(chips * need))
+
+    def spend(target: float, given_up: np.ndarray, floor: float = _GAIN_MIN) -> np.ndarray:
+        low = np.maximum(target / root - need, floor)
+        low[given_up] = _GAIN_MIN
+        short = correlation - float(np.sum(chips * low * need))
+        if short <= 0:
+            return low
+        # Raise the bits the image helps to μ·need (capped at _RAISE_MAX), μ the least that makes up the
+        # shortfall: what they add is piecewise linear and increasing in μ, so it is evaluated at every breakpoint
+        # and interpolated between the two around the shortfall.
+        helped = need > 0
+        h_need, h_low, h_chips = need[helped], low[helped], chips[helped]
+        top_all = np.maximum(low, _RAISE_MAX)
+        top = top_all[helped]
+        breaks = np.unique(np.concatenate([h_low / h_need, top / h_need]))
+        added = np.sum(h_chips * h_need * (np.clip(breaks[:, None] * h_need, h_low, top) - h_low), axis=1)
+        k = int(np.searchsorted(added, short))
+        if k >= len(breaks):
+            mu = breaks[-1]  # every helped bit at _RAISE_MAX: as far as it goes
+        elif k == 0:
+            mu = breaks[0]
+        else:
+            mu = breaks[k - 1] + (short - added[k - 1]) / (added[k] - added[k - 1]) * (breaks[k] - breaks[k - 1])
+        return np.where(helped, np.clip(mu * need, low, top_all), low)
+
+    required = _MARGIN / root - need
+    order = np.argsort(required)[::-1]
+    given_up = np.zeros(len(need), bool)
+    for count in range(_GIVE_UP + 1):
+        given_up[:] = False
+        given_up[order[:count]] = True
+        if required[order[count]] <= _GAIN_MAX and np.sum(chips * spend(_MARGIN, given_up) ** 2) <= energy:
+            break
+    def fits(target: float, floor: float = _GAIN_MIN) -> bool:
+        if np.any((np.maximum(target / root - need, floor) > _GAIN_MAX) & ~given_up):
+            return False
+        return float(np.sum(chips * spend(target, given_up, floor) ** 2)) <= energy
+
+    lo, hi = -10.0, _ENOUGH
+    if fits(hi):
+        lo = hi
+    for _ in range(24 if lo < hi else 0):  # to 1e-6
+        target = 0.5 * (lo + hi)
+        lo, hi = (target, hi) if fits(target) else (lo, target)
+    # Energy left over once every bit has _ENOUGH: the floor, raised until it is spent.
+    floor_lo, floor_hi = _GAIN_MIN, _GAIN_MAX
+    for _ in range(24 if lo >= _ENOUGH else 0):
+        floor = 0.5 * (floor_lo + floor_hi)
+        floor_lo, floor_hi = (floor, floor_hi) if fits(lo, floor) else (floor_lo, floor)
+    return spend(lo, given_up, floor_lo)
 
 
 # --- detection --------------------------------------------------------------------------------------------------

@@ -178,11 +178,13 @@ class ChipPattern:
         up = np.repeat(np.repeat(chips.reshape(self.grid, self.grid), step, axis=0), step, axis=1)
         return np.fft.irfft2(np.fft.rfft2(up) * _smoother(size, self.smooth * scale), s=(size, size))
 
-    def chips(self, word: np.ndarray) -> np.ndarray:
-        """The chip array carrying a coded word (repeated over the message chips)."""
+    def chips(self, word: np.ndarray, gains: np.ndarray | None = None, sync_gain: float = 1.0) -> np.ndarray:
+        """The chip array carrying a coded word (repeated over the message chips): each coded bit's chips at its
+        ``gains`` entry (default 1), the sync chips at ``sync_gain``."""
         chips = np.zeros(self.grid * self.grid)
-        chips[self.sync] = self.sync_sign
-        chips[self.message] = self.spread * (2.0 * word[np.arange(len(self.message)) % len(word)] - 1.0)
+        chips[self.sync] = self.sync_sign * sync_gain
+        bit = np.arange(len(self.message)) % len(word)
+        chips[self.message] = self.spread * (2.0 * word[bit] - 1.0) * (1.0 if gains is None else gains[bit])
         return chips
 
     def sync_peak(self, folded: np.ndarray) -> tuple[float, tuple[int, int]]:
@@ -190,11 +192,19 @@ class ChipPattern:
         in a folded tile."""
         corr = np.fft.irfft2(np.fft.rfft2(folded) * self._sync_spectrum, s=folded.shape)
         index = np.unravel_index(int(np.argmax(corr)), corr.shape)
-        peak = corr[index]
+        return self._confidence(corr, index), (int(index[0]), int(index[1]))
+
+    def sync_confidence(self, folded: np.ndarray, offset: tuple[int, int]) -> float:
+        """The confidence ``sync_peak`` gives the sync pattern's correlation at ``offset``, peak or not."""
+        return self._confidence(np.fft.irfft2(np.fft.rfft2(folded) * self._sync_spectrum, s=folded.shape), offset)
+
+    def _confidence(self, corr: np.ndarray, index) -> float:
+        """The correlation at ``index`` over the rest (7×7 around it left out), in standard deviations."""
+        peak = corr[tuple(index)]
         mask = np.ones_like(corr, dtype=bool)
         mask[np.ix_(*[[(i + d) % self.size for d in range(-3, 4)] for i in index])] = False
         rest = corr[mask]
-        return float((peak - rest.mean()) / (rest.std() + 1e-12)), (int(index[0]), int(index[1]))
+        return float((peak - rest.mean()) / (rest.std() + 1e-12))
 
     def soft_words(self, folded: np.ndarray, offset: tuple[int, int], lengths) -> dict[int, np.ndarray]:
         """Per message length, the soft value of every coded bit: the chips read by matched filtering at the
