@@ -263,6 +263,7 @@ def _allocate(need: np.ndarray, chips: np.ndarray, energy: float) -> np.ndarray:
         given_up[order[:count]] = True
         if required[order[count]] <= _GAIN_MAX and np.sum(chips * spend(_MARGIN, given_up) ** 2) <= energy:
             break
+
     def fits(target: float, floor: float = _GAIN_MIN) -> bool:
         if np.any((np.maximum(target / root - need, floor) > _GAIN_MAX) & ~given_up):
             return False
