@@ -12,7 +12,9 @@ The run, in order:
 3. encode every image (the autoencoder) and caption (the text encoder) once, and for Flex.2 the control maps of
    every image, into a cache beside the output, then free the encoders (the autoencoder stays for samples);
 4. flow matching as the family samples (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
-   target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count), the
+   target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count;
+   ``--low-noise P``: a share P of them drawn uniformly below 0.6 instead, as the demo model's own training does
+   at its end, since the nearly clean steps are where small details such as a thin stroke's hole are decided), the
    base frozen (and quantised, for ``--quantize``), the LoRA in float32, AdamW, optionally with gradient
    checkpointing over the DiT's blocks; for Flex.2 the inpaint, mask and control channels drawn per item as the
    conditioners fill them at generation, each dropped (left empty) part of the time, the guidance embedder
@@ -49,6 +51,7 @@ from .lora_options import CONTROL_KINDS, DEFAULT_TARGETS, FAMILY_TARGETS, QUANTI
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a training image larger than this is refused, not silently downscaled
 STATE_VERSION = 1
+LOW_NOISE_MAX = 0.6  # --low-noise draws its sigmas uniformly below this (the demo model's own training's bound)
 
 
 @dataclass
@@ -539,7 +542,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
           seed: int = 0, checkpoint_every: int = 100, strict: bool = False, quantize: str | None = None,
           gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
           inpaint_dropout: float | None = None, control_dropout: float | None = None,
-          control_kinds: tuple[str, ...] | None = None, host=None, stop_after: int | None = None,
+          control_kinds: tuple[str, ...] | None = None, low_noise: float = 0.0, host=None,
+          stop_after: int | None = None,
           after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
     many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
@@ -552,7 +556,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     from fluxframe.core.plugins import PluginHost
     from fluxframe.core.types import Conditioning
 
-    from .train import sample_sigmas
+    from .train import emphasise_low_noise, sample_sigmas
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -563,6 +567,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
             raise TrainingError(f"{option}: must be at least 1, got {value}")
     if resolution < 16 or resolution % 16:
         raise TrainingError(f"--resolution: must be a positive multiple of 16, got {resolution}")
+    if not 0 <= low_noise <= 1:
+        raise TrainingError(f"--low-noise: must be a share from 0 to 1, got {low_noise}")
     if not lr > 0:
         raise TrainingError(f"--lr: must be positive, got {lr}")
     sample_prompts = tuple(p.strip() for p in (sample_prompts or ()))
@@ -622,6 +628,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 "targets": list(targets), "seed": seed}
     if quantized:
         settings["quantize"] = quantized
+    if low_noise:
+        settings["low_noise"] = low_noise
     if flex2:
         settings["conditioning"] = {"inpaint_dropout": inpaint_dropout, "control_dropout": control_dropout,
                                     "control_kinds": list(control_kinds) if control else []}
@@ -715,7 +723,10 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 idx = torch.randint(0, len(tokens), (batch_size,), generator=gen)
                 x0 = tokens[idx].to(model.dtype)
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
-                sigma = sample_sigmas(batch_size, mu, gen).to(model.device)
+                sigma = sample_sigmas(batch_size, mu, gen)
+                if low_noise:
+                    sigma = emphasise_low_noise(sigma, low_noise, LOW_NOISE_MAX, gen)
+                sigma = sigma.to(model.device)
                 extra = channels(x0, idx, gen) if channels is not None else None
                 pred = predict(x0, noise, sigma, idx, extra)
                 loss = F.mse_loss(pred.float(), (noise - x0).float())
@@ -748,6 +759,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         "items": len(items), "trained_on": len(kept), "skipped": skipped, "rank": rank, "alpha": alpha,
         "alpha_folded_into_lora_B": True, "steps": steps, "lr": lr, "batch_size": batch_size,
         "resolution": resolution, "targets": list(targets), "seed": seed, "schedule_mu": mu,
+        "low_noise": {"share": low_noise, "below": LOW_NOISE_MAX} if low_noise else None,
         "quantize": quantized, "gradient_checkpointing": gradient_checkpointing or None,
         "conditioning": settings.get("conditioning"),
         "guidance_embedding": "bypassed" if flex2 and transformer.guidance_in is not None else None,
@@ -788,6 +800,7 @@ def run(args) -> int:
                 seed=args.seed, checkpoint_every=args.checkpoint_every, strict=args.strict, quantize=args.quantize,
                 gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
                 sample_prompts=tuple(args.sample_prompt or ()), inpaint_dropout=args.inpaint_dropout,
-                control_dropout=args.control_dropout, control_kinds=kinds, command=command)
+                control_dropout=args.control_dropout, control_kinds=kinds, low_noise=args.low_noise,
+                command=command)
     print(f"wrote {out} and {_paths(out)['record'].name}")
     return 0
