@@ -58,6 +58,7 @@ def main() -> int:
                 found = shapes.analyse(image)
                 ok = {"hollow": found.style == "outline", "colour": found.colour == scene.colour,
                       "position": found.position == scene.position}
+                ok["all three"] = all(ok.values()) if args.style == "outline" else ok["colour"] and ok["position"]
                 counts.update({key: int(value) for key, value in ok.items()})
                 by_kind[(scene.shape, scene.size)] += ok["hollow"]
                 rows.append({"index": i, "caption": scene.caption, "hollowness": round(found.hollow, 3), **ok})
@@ -72,7 +73,8 @@ def main() -> int:
         return 0
     n = len(scenes)
     print(f"{args.model}: {n} {'training' if args.training else 'held-out'} scenes drawn {args.style}, "
-          f"encoded and decoded: " + ", ".join(f"{k} {counts[k]}/{n}" for k in ("hollow", "colour", "position")))
+          "encoded and decoded: " + ", ".join(f"{k} {counts[k]}/{n}" for k in ("hollow", "colour", "position",
+                                                                                "all three")))
     print("  hollow by shape and size: " + ", ".join(f"{k} {v}" for k, v in result["hollow_by_shape_size"].items()))
     for row in rows:
         if row["hollow"] != (args.style == "outline") or not (row["colour"] and row["position"]):
