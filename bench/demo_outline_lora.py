@@ -8,6 +8,7 @@ contact sheet: for each group of 8 captions a row without the LoRA above the sam
 
     .venv/bin/python bench/demo_outline_lora.py                  # models/shapes-v1-outline-lora/outline.safetensors
     .venv/bin/python bench/demo_outline_lora.py --lora FILE --captions 32 --sheet docs/outline-lora.jpg
+    .venv/bin/python bench/demo_outline_lora.py --save /tmp/outline-images   # keep the images to grade again
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="default: the demo config's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--sheet", type=Path, help="also write a before/after contact sheet (the first 16 captions)")
+    p.add_argument("--save", type=Path, help="also write every generated image here (base-NNN.png, lora-NNN.png)")
     p.add_argument("--json", action="store_true")
     return p.parse_args()
 
@@ -90,6 +92,10 @@ def main() -> int:
         loras = [(args.lora, args.weight)] if which == "lora" else []
         pipeline, sampler = demo_pipeline(args.model, loras=loras, steps=args.steps, guidance=args.guidance)
         counts, images[which], rows = grade(pipeline, scenes, args.seed)
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images[which]):
+                image.save(args.save / f"{which}-{i:03d}.png")
         result.update(steps=sampler["steps"], guidance=sampler["guidance"])
         result.setdefault("runs", {})[which] = {"counts": counts, "rows": rows,
                                                 "seconds": round(time.perf_counter() - started, 1)}

@@ -198,6 +198,33 @@ def test_style_reading_tolerates_blur_noise_and_a_gap():
     assert found.style == "outline" and found.shape == "circle"
 
 
+def test_a_stroke_broken_in_several_places_is_still_one_outline():
+    """A generated stroke may break in more than one place: the pieces of the shape's colour within the closing
+    distance of each other are one outline (not only the largest piece); specks of other colours near a filled
+    shape do not join it, so it still reads filled."""
+    from PIL import ImageDraw
+
+    for shape in shapes.SHAPES:
+        scene = Scene(shape, "red", "centre", "large", "blue", style="outline")
+        broken = shapes.render(scene)
+        draw = ImageDraw.Draw(broken)
+        draw.rectangle([126, 0, 129, 255], fill=shapes.COLOURS["blue"])  # cut top and bottom: two pieces
+        draw.rectangle([0, 160, 255, 163], fill=shapes.COLOURS["blue"])  # and across: four
+        found = shapes.analyse(broken)
+        assert (found.style, found.colour, found.position) == ("outline", "red", "centre"), (shape, found)
+        filled = shapes.render(dataclasses.replace(scene, style="filled"))
+        draw = ImageDraw.Draw(filled)
+        mask, _ = shapes.shape_region(np.asarray(filled))
+        ys, xs = np.nonzero(mask)
+        for k in range(24):  # yellow specks 3 px off the shape's edge all round
+            angle = 2 * np.pi * k / 24
+            far = np.argmax(np.cos(angle) * (xs - xs.mean()) + np.sin(angle) * (ys - ys.mean()))
+            x, y = xs[far] + 4 * np.cos(angle), ys[far] + 4 * np.sin(angle)
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=shapes.COLOURS["yellow"])
+        found = shapes.analyse(filled)
+        assert found.style == "filled" and found.hollow < 0.05, (shape, found)
+
+
 def test_an_unknown_style_is_refused():
     with pytest.raises(ValueError, match="style"):
         shapes.render(Scene("circle", "red", "centre", "large", "blue", style="dotted"))
@@ -216,6 +243,17 @@ def test_outline_dataset_uses_training_triples_only(tmp_path):
     items = read_dataset(tmp_path)
     assert [i.caption for i in items] == [s.caption for s in scenes[:3]]
     assert shapes.analyse(shapes.render(scenes[0])).style == "outline"
+
+
+def test_balanced_outline_dataset_draws_every_shape_and_size_equally():
+    scenes = shapes.outline_scenes(200, seed=0, balanced=True)
+    assert scenes == shapes.outline_scenes(200, seed=0, balanced=True)
+    assert not {s.triple for s in scenes} & shapes.HELD_OUT
+    assert {s.triple for s in scenes} == {s.triple for s in shapes.all_scenes("train")}
+    for shape in shapes.SHAPES:
+        for size in shapes.SIZES:
+            assert sum(s.shape == shape and s.size == size for s in scenes) == 25, (shape, size)
+    assert shapes.outline_scenes(192, seed=0) != shapes.outline_scenes(192, seed=0, balanced=True)
 
 
 def test_demo_data_command_writes_a_whole_folder_and_refuses_a_used_one(tmp_path, capsys):

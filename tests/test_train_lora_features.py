@@ -290,15 +290,77 @@ def test_samples_go_through_the_pipeline_and_leave_training_alone(diffusers_flux
     assert all(torch.equal(final[k], other[k]) for k in final)
 
 
+def test_low_noise_draws_that_share_of_the_noise_levels_below_its_bound(diffusers_flux2_folder, lora_host, tmp_path,
+                                                                        monkeypatch):
+    """--low-noise 1: every training step's noise levels lie in (0, 0.6]; the record names the share; without it
+    nothing is drawn differently (the same file as a run that never heard of the option)."""
+    from fluxframe.demo import train as demo_train
+
+    drawn = []
+    emphasise = demo_train.emphasise_low_noise
+
+    def spy(sigma, fraction, high, generator):
+        out = emphasise(sigma, fraction, high, generator)
+        drawn.append(out.clone())
+        return out
+
+    monkeypatch.setattr(demo_train, "emphasise_low_noise", spy)
+    data = make_data(tmp_path / "data", colours=("red", "blue"))
+    options = dict(rank=2, steps=3, batch_size=2, resolution=32, seed=4)
+    low = tmp_path / "low.safetensors"
+    train_lora.train(config(diffusers_flux2_folder, tmp_path), data, low, host=lora_host, low_noise=1.0, **options)
+    assert len(drawn) == 3 and all(float(s.max()) <= 0.6 and float(s.min()) > 0 for s in drawn)
+    record = json.loads((tmp_path / "low.training.json").read_text())
+    assert record["low_noise"] == {"share": 1.0, "below": 0.6}
+    drawn.clear()
+    default, zero = tmp_path / "default.safetensors", tmp_path / "zero.safetensors"
+    train_lora.train(config(diffusers_flux2_folder, tmp_path), data, default, host=lora_host, **options)
+    train_lora.train(config(diffusers_flux2_folder, tmp_path), data, zero, host=lora_host, low_noise=0.0, **options)
+    assert drawn == [] and json.loads((tmp_path / "default.training.json").read_text())["low_noise"] is None
+    a, b, c = load_file(default), load_file(zero), load_file(low)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["flux2", "flex2"])
+def test_caption_dropout_trains_that_share_on_the_empty_prompt(diffusers_flux2_folder, flex2_folder, lora_host,
+                                                                tmp_path, family):
+    """--caption-dropout 1: every item trains on the empty prompt, so the captions no longer matter (the same file
+    from other captions); the record names the share; without it nothing is drawn differently."""
+    def data(folder, caption):
+        made = make_data(folder, colours=("red", "blue")) if family == "flux2" else discs(folder)
+        for text in made.glob("*.txt"):
+            text.write_text(caption(text.stem))
+        return made
+
+    cfg = config(diffusers_flux2_folder, tmp_path) if family == "flux2" else flex2_config(flex2_folder, tmp_path)
+    options = dict(rank=2, steps=2, batch_size=2, resolution=32, seed=6)
+    files = {}
+    for name, caption, dropout in (("a", lambda c: f"a {c} square", 1.0), ("b", lambda c: f"{c}, flat style", 1.0),
+                                   ("plain", lambda c: f"a {c} square", 0.0), ("default", lambda c: f"a {c} square",
+                                                                               None)):
+        extra = {} if dropout is None else {"caption_dropout": dropout}
+        out = tmp_path / name / "style.safetensors"
+        train_lora.train(cfg, data(tmp_path / f"data-{name}", caption), out, host=lora_host, **extra, **options)
+        files[name] = load_file(out)
+    a, b, plain, default = files["a"], files["b"], files["plain"], files["default"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # captions never seen
+    assert all(torch.equal(plain[k], default[k]) for k in a) and not all(torch.equal(a[k], plain[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "style.training.json").read_text())["caption_dropout"] == 1.0
+    assert json.loads((tmp_path / "default" / "style.training.json").read_text())["caption_dropout"] is None
+
+
 def _bad_option(case, tmp_path, flux2, flex2):
     """(config, data, options, what the message must name)."""
     if case == "checkpointing with group-offload":
         cfg = config(flux2, tmp_path, memory={"strategy": "group-offload"})
         return cfg, make_data(tmp_path / "data", colours=("red",)), {"gradient_checkpointing": True}, \
             "--gradient-checkpointing"
-    if case in ("no prompt", "no every", "quantize", "flex2 option on flux2", "blocked sample"):
+    if case in ("no prompt", "no every", "quantize", "flex2 option on flux2", "blocked sample", "low noise",
+                "caption dropout"):
         data, cfg = make_data(tmp_path / "data", colours=("red",)), config(flux2, tmp_path)
         options = {"no prompt": ({"sample_every": 2}, "--sample-every 2"),
+                   "low noise": ({"low_noise": 1.5}, "--low-noise"),
+                   "caption dropout": ({"caption_dropout": -0.1}, "--caption-dropout"),
                    "no every": ({"sample_prompts": ("a red square",)}, "--sample-prompt"),
                    "quantize": ({"quantize": "fp4"}, "--quantize"),
                    "flex2 option on flux2": ({"control_dropout": 0.2}, "--control-dropout"),
@@ -314,7 +376,7 @@ def _bad_option(case, tmp_path, flux2, flex2):
 
 @pytest.mark.parametrize("case", ["no prompt", "no every", "quantize", "flex2 option on flux2", "blocked sample",
                                   "depth without estimator", "unknown kind", "dropout",
-                                  "checkpointing with group-offload"])
+                                  "checkpointing with group-offload", "low noise", "caption dropout"])
 def test_bad_options_are_one_line_naming_the_option_and_write_nothing(diffusers_flux2_folder, flex2_folder,
                                                                       lora_host, tmp_path, case):
     cfg, data, options, named = _bad_option(case, tmp_path, diffusers_flux2_folder, flex2_folder)

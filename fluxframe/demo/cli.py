@@ -51,6 +51,9 @@ def demo_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (created)")
     parser.add_argument("--style", choices=("outline",), default="outline", help="how the shapes are drawn")
     parser.add_argument("--count", type=int, default=192, help="images to write (the 128 training triples in turn)")
+    parser.add_argument("--balanced", action="store_true",
+                        help="the four shapes equally often (default: stars and triangles first, so 192 images "
+                             "draw those twice and circles and squares once)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the position and size jitter")
 
 
@@ -79,7 +82,7 @@ def cmd_demo_data(args) -> int:
         print(f"fluxframe: error: --out {out}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        written = write_dataset(outline_scenes(args.count, args.seed), staging)
+        written = write_dataset(outline_scenes(args.count, args.seed, balanced=args.balanced), staging)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each DiT block's activations in the backward pass: less memory, one more "
                              "forward pass per step")
+    parser.add_argument("--low-noise", type=float, default=0.0, metavar="P",
+                        help="draw this share of each batch's noise levels uniformly below 0.6 instead of from the "
+                             "shifted logit-normal (more of the nearly clean steps, where fine detail is decided)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, metavar="P",
+                        help="train this share of the items with the empty prompt (what true CFG's unconditional "
+                             "pass sees), as the demo model was trained")
     parser.add_argument("--sample-every", type=int, default=0, metavar="N",
                         help="every N steps, generate an image per --sample-prompt with the LoRA so far, through "
                              "the deployment's pipeline (filtered, watermarked, signed, audited), into "

@@ -159,13 +159,24 @@ def held_out_scenes(count: int = 48) -> list[Scene]:
     return out
 
 
-def outline_scenes(count: int = 192, seed: int = 0) -> list[Scene]:
+def outline_scenes(count: int = 192, seed: int = 0, *, balanced: bool = False) -> list[Scene]:
     """``count`` outline-style scenes of training triples only (the held-out triples stay unseen in this style too):
     the 128 triples in turn, stars and triangles first (so 192 scenes draw each of those twice, once per size, and
     circles and squares once: thin strokes are the hardest to learn), the size alternating and the background
-    cycling through the colours other than the shape's, each scene with its own jitter from ``seed``."""
-    triples = sorted({s.triple for s in all_scenes("train")},  # stars and triangles first
-                     key=lambda t: (-SHAPES.index(t[0]), COLOUR_NAMES.index(t[1]), POSITION_NAMES.index(t[2])))
+    cycling through the colours other than the shape's, each scene with its own jitter from ``seed``.
+
+    ``balanced``: the triples in turn one shape after the other (circle, square, triangle, star, circle, ...), so any
+    count draws the four shapes equally often (200 scenes: 50 of each, every triple once and 18 per shape twice)."""
+    def hard_first(t):
+        return -SHAPES.index(t[0]), COLOUR_NAMES.index(t[1]), POSITION_NAMES.index(t[2])
+
+    def round_robin(t):
+        same_shape = sorted((u for u in triples if u[0] == t[0]), key=hard_first)
+        return same_shape.index(t), SHAPES.index(t[0])
+
+    triples = sorted({s.triple for s in all_scenes("train")}, key=hard_first)  # stars and triangles first
+    if balanced:
+        triples = sorted(triples, key=round_robin)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -173,7 +184,8 @@ def outline_scenes(count: int = 192, seed: int = 0) -> list[Scene]:
         backgrounds = [c for c in COLOUR_NAMES if c != colour]
         dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
         scale = 1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
-        out.append(Scene(shape, colour, position, SIZE_NAMES[(i + i // len(triples)) % 2],
+        size = SIZE_NAMES[((i // len(SHAPES) if balanced else i) + i // len(triples)) % 2]  # alternating per shape
+        out.append(Scene(shape, colour, position, size,
                          backgrounds[(5 * i + i // len(triples)) % len(backgrounds)], float(dx), float(dy),
                          float(scale), style="outline"))
     return out
@@ -285,21 +297,52 @@ def nearest_position(fx: float, fy: float) -> str:
     return min(POSITION_NAMES, key=lambda n: (POSITIONS[n][1][0] - fx) ** 2 + (POSITIONS[n][1][1] - fy) ** 2)
 
 
-def shape_region(pixels: np.ndarray, threshold: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+def shape_region(pixels: np.ndarray, threshold: float = 60.0, bridge: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """(mask of the shape, background RGB): the background is the median of a 3-pixel border, the shape every pixel
-    further than ``threshold`` (Euclidean RGB distance) from it -- then only its largest 4-connected part."""
+    further than ``threshold`` (Euclidean RGB distance) from it -- then only its largest 4-connected part, with the
+    other parts of the same named colour that lie within ``bridge`` pixels of it or of each other (``bridge`` as in
+    ``enclosed_region``: a stroke broken in several places is still one outline; specks of other colours, as a
+    generated picture has around its shape, are not part of it)."""
     border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
                              pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)]).astype(np.float64)
     background = np.median(border, axis=0)
     distance = np.sqrt(((pixels.astype(np.float64) - background) ** 2).sum(-1))
     mask = distance > threshold
-    return _largest_component(mask), background
+    if not mask.any() or bridge <= 0:
+        return _largest_component(mask), background
+    labels = _components(mask)
+    values, counts = np.unique(labels[mask], return_counts=True)
+    if len(values) == 1:
+        return mask, background
+
+    def colour_name(part: np.ndarray) -> str:  # as analyse reads an outline's colour: its far half's median
+        far = distance[part]
+        return nearest_colour(np.median(pixels[part][far >= np.median(far)].astype(np.float64), axis=0))
+
+    largest = values[np.argmax(counts)]
+    name = colour_name(labels == largest)
+    same = np.zeros_like(mask)
+    for value in values:
+        part = labels == value
+        if value == largest or colour_name(part) == name:
+            same |= part
+    joined = _components(_grow(same, bridge))  # parts within 2·bridge pixels of each other share a label
+    anchor = joined[labels == largest][0]
+    return same & (joined == anchor), background
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component, by iterated union of labels along rows and columns (numpy only)."""
+    """The largest 4-connected component."""
     if not mask.any():
         return mask
+    labels = _components(mask)
+    values, counts = np.unique(labels[mask], return_counts=True)
+    return labels == values[np.argmax(counts)]
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """A label for every pixel of ``mask`` (-1 elsewhere), the same within each 4-connected component and different
+    between components, by iterated union of labels along rows and columns (numpy only)."""
     h, w = mask.shape
     labels = np.where(mask, np.arange(h * w).reshape(h, w), -1)
     big = h * w + 1
@@ -317,10 +360,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         flat[valid] = flat[flat[valid]]
         new = np.where(mask, np.minimum(flat.reshape(h, w), new), -1)
         if np.array_equal(new, labels):
-            break
+            return labels
         labels = new
-    values, counts = np.unique(labels[mask], return_counts=True)
-    return labels == values[np.argmax(counts)]
 
 
 def _hull_area(points: np.ndarray) -> float:

@@ -12,7 +12,11 @@ The run, in order:
 3. encode every image (the autoencoder) and caption (the text encoder) once, and for Flex.2 the control maps of
    every image, into a cache beside the output, then free the encoders (the autoencoder stays for samples);
 4. flow matching as the family samples (``fluxframe.demo.train.sample_sigmas``: x_t = (1-s)·x0 + s·noise,
-   target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count), the
+   target noise - x0, s logit-normal shifted by the family's own schedule mu for the image's token count;
+   ``--low-noise P``: a share P of them drawn uniformly below 0.6 instead, as the demo model's own training does
+   at its end, since the nearly clean steps are where small details such as a thin stroke's hole are decided;
+   ``--caption-dropout P``: a share P of the items train with the empty prompt, as the demo model's training
+   does, so that true CFG's unconditional pass sees the LoRA's style as the conditional one does), the
    base frozen (and quantised, for ``--quantize``), the LoRA in float32, AdamW, optionally with gradient
    checkpointing over the DiT's blocks; for Flex.2 the inpaint, mask and control channels drawn per item as the
    conditioners fill them at generation, each dropped (left empty) part of the time, the guidance embedder
@@ -49,6 +53,7 @@ from .lora_options import CONTROL_KINDS, DEFAULT_TARGETS, FAMILY_TARGETS, QUANTI
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a training image larger than this is refused, not silently downscaled
 STATE_VERSION = 1
+LOW_NOISE_MAX = 0.6  # --low-noise draws its sigmas uniformly below this (the demo model's own training's bound)
 
 
 @dataclass
@@ -335,11 +340,12 @@ def _save_torch(path: Path, obj) -> None:
 
 def encode_dataset(model, items: list[Item], images: dict, resolution: int, cache: Path, key: dict, *,
                    control: list | None = None, control_kinds: tuple[str, ...] | None = None,
-                   keep_vae: bool = False) -> dict:
+                   keep_vae: bool = False, empty_prompt: bool = False) -> dict:
     """Latent tokens and text embeddings (with CLIP's pooled vector where the family has one) of every kept item,
     and for Flex.2 the control latents of every item under each of ``control``'s preprocessors, from the cache
     when it was made for the same data, base, resolution and control kinds; the text encoder is freed afterwards,
-    and the autoencoder too unless ``keep_vae`` (samples decode with it)."""
+    and the autoencoder too unless ``keep_vae`` (samples decode with it); ``empty_prompt``: the empty prompt's
+    embedding too (``--caption-dropout``)."""
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved.get("key") == json.dumps(key, sort_keys=True):
@@ -369,6 +375,11 @@ def encode_dataset(model, items: list[Item], images: dict, resolution: int, cach
                  "image_ids": latents.ids.cpu(), "text_ids": text.ids.cpu()}
         if pooled:
             saved["pooled"] = torch.stack(pooled)
+        if empty_prompt:  # what true CFG's unconditional pass and a dropped caption see
+            empty = model.encode_prompts([""])
+            saved["empty_embeds"] = empty.embeds[0].float().cpu()
+            if getattr(empty, "pooled", None) is not None:
+                saved["empty_pooled"] = empty.pooled[0].float().cpu()
         if controls:
             saved["control"] = torch.stack(controls)
     _save_torch(cache, saved)
@@ -539,7 +550,9 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
           seed: int = 0, checkpoint_every: int = 100, strict: bool = False, quantize: str | None = None,
           gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
           inpaint_dropout: float | None = None, control_dropout: float | None = None,
-          control_kinds: tuple[str, ...] | None = None, host=None, stop_after: int | None = None,
+          control_kinds: tuple[str, ...] | None = None, low_noise: float = 0.0, caption_dropout: float = 0.0,
+          host=None,
+          stop_after: int | None = None,
           after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
     many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
@@ -552,7 +565,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     from fluxframe.core.plugins import PluginHost
     from fluxframe.core.types import Conditioning
 
-    from .train import sample_sigmas
+    from .train import emphasise_low_noise, sample_sigmas
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -563,6 +576,10 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
             raise TrainingError(f"{option}: must be at least 1, got {value}")
     if resolution < 16 or resolution % 16:
         raise TrainingError(f"--resolution: must be a positive multiple of 16, got {resolution}")
+    if not 0 <= low_noise <= 1:
+        raise TrainingError(f"--low-noise: must be a share from 0 to 1, got {low_noise}")
+    if not 0 <= caption_dropout <= 1:
+        raise TrainingError(f"--caption-dropout: must be a share from 0 to 1, got {caption_dropout}")
     if not lr > 0:
         raise TrainingError(f"--lr: must be positive, got {lr}")
     sample_prompts = tuple(p.strip() for p in (sample_prompts or ()))
@@ -622,15 +639,22 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 "targets": list(targets), "seed": seed}
     if quantized:
         settings["quantize"] = quantized
+    if low_noise:
+        settings["low_noise"] = low_noise
+    if caption_dropout:
+        settings["caption_dropout"] = caption_dropout
     if flex2:
         settings["conditioning"] = {"inpaint_dropout": inpaint_dropout, "control_dropout": control_dropout,
                                     "control_kinds": list(control_kinds) if control else []}
     cache_key = {k: settings[k] for k in ("base", "dataset_sha256", "kept", "resolution")}
+    if caption_dropout:
+        cache_key["empty_prompt"] = True
     if control:  # the maps depend on the kinds and on the control conditioner's options (thresholds, estimators)
         cache_key["control_kinds"] = list(control_kinds)
         cache_key["control_options"] = [c.options for c in config.conditioners if c.name == "control"]
     cache = encode_dataset(model, kept, images, resolution, paths["cache"], cache_key, control=control,
-                           control_kinds=control_kinds, keep_vae=bool(sample_every))
+                           control_kinds=control_kinds, keep_vae=bool(sample_every),
+                           empty_prompt=bool(caption_dropout))
 
     transformer = model.transformer.requires_grad_(False)
     if gradient_checkpointing:
@@ -677,15 +701,20 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         pooled = channels = None
         guidance = model.default_guidance if model.embedded_guidance else None
 
-    def predict(x0, noise, sigma, idx, extra=None):
+    def predict(x0, noise, sigma, idx, extra=None, dropped=None):
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         g = None if guidance is None else torch.full((len(idx),), float(guidance), device=model.device)
+        text = embeds[idx]
+        if dropped is not None:  # --caption-dropout: these items see the empty prompt
+            text = torch.where(dropped[:, None, None], cache["empty_embeds"].to(text), text)
         if pooled is None:
-            return transformer(xt.to(model.dtype), img_ids, embeds[idx].to(model.dtype), txt_ids, sigma, g)
+            return transformer(xt.to(model.dtype), img_ids, text.to(model.dtype), txt_ids, sigma, g)
+        vector = pooled[idx]
+        if dropped is not None and "empty_pooled" in cache:
+            vector = torch.where(dropped[:, None], cache["empty_pooled"].to(vector), vector)
         x = model.model_input(xt.to(model.dtype), Conditioning(channels=extra or {}))
         with guidance_bypassed(transformer) if flex2 else nullcontext():
-            return transformer(x, img_ids, embeds[idx].to(model.dtype), txt_ids, pooled[idx].to(model.dtype),
-                               sigma, g)
+            return transformer(x, img_ids, text.to(model.dtype), txt_ids, vector.to(model.dtype), sigma, g)
 
     def probe_loss() -> float:
         """The loss at fixed noise and sigmas (0.25, 0.5, 0.75) on the first items, without inpaint or control:
@@ -715,9 +744,14 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 idx = torch.randint(0, len(tokens), (batch_size,), generator=gen)
                 x0 = tokens[idx].to(model.dtype)
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
-                sigma = sample_sigmas(batch_size, mu, gen).to(model.device)
+                sigma = sample_sigmas(batch_size, mu, gen)
+                if low_noise:
+                    sigma = emphasise_low_noise(sigma, low_noise, LOW_NOISE_MAX, gen)
+                sigma = sigma.to(model.device)
                 extra = channels(x0, idx, gen) if channels is not None else None
-                pred = predict(x0, noise, sigma, idx, extra)
+                dropped = (torch.rand(batch_size, generator=gen) < caption_dropout).to(model.device) \
+                    if caption_dropout else None
+                pred = predict(x0, noise, sigma, idx, extra, dropped)
                 loss = F.mse_loss(pred.float(), (noise - x0).float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -748,6 +782,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         "items": len(items), "trained_on": len(kept), "skipped": skipped, "rank": rank, "alpha": alpha,
         "alpha_folded_into_lora_B": True, "steps": steps, "lr": lr, "batch_size": batch_size,
         "resolution": resolution, "targets": list(targets), "seed": seed, "schedule_mu": mu,
+        "low_noise": {"share": low_noise, "below": LOW_NOISE_MAX} if low_noise else None,
+        "caption_dropout": caption_dropout or None,
         "quantize": quantized, "gradient_checkpointing": gradient_checkpointing or None,
         "conditioning": settings.get("conditioning"),
         "guidance_embedding": "bypassed" if flex2 and transformer.guidance_in is not None else None,
@@ -788,6 +824,7 @@ def run(args) -> int:
                 seed=args.seed, checkpoint_every=args.checkpoint_every, strict=args.strict, quantize=args.quantize,
                 gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
                 sample_prompts=tuple(args.sample_prompt or ()), inpaint_dropout=args.inpaint_dropout,
-                control_dropout=args.control_dropout, control_kinds=kinds, command=command)
+                control_dropout=args.control_dropout, control_kinds=kinds, low_noise=args.low_noise,
+                caption_dropout=args.caption_dropout, command=command)
     print(f"wrote {out} and {_paths(out)['record'].name}")
     return 0
