@@ -551,9 +551,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
           gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
           inpaint_dropout: float | None = None, control_dropout: float | None = None,
           control_kinds: tuple[str, ...] | None = None, low_noise: float = 0.0, caption_dropout: float = 0.0,
-          host=None,
-          stop_after: int | None = None,
-          after_backward=None, command: str | None = None) -> Path:
+          host=None, stop_after: int | None = None, after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
     many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
     (tests): called with the LoRAs after each backward pass, before clipping and the optimiser step."""
