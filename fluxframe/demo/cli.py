@@ -55,6 +55,9 @@ def demo_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the four shapes equally often (default: stars and triangles first, so 192 images "
                              "draw those twice and circles and squares once)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the position and size jitter")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write each image's shape region (and a margin) as masks/NNNN.png, for "
+                             "train-lora --loss-masks")
 
 
 def cmd_demo_data(args) -> int:
@@ -82,14 +85,15 @@ def cmd_demo_data(args) -> int:
         print(f"fluxframe: error: --out {out}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        written = write_dataset(outline_scenes(args.count, args.seed, balanced=args.balanced), staging)
+        written = write_dataset(outline_scenes(args.count, args.seed, balanced=args.balanced), staging,
+                                masks=args.masks)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"wrote {written} images with captions to {out}")
+    print(f"wrote {written} images with captions{' and masks' if args.masks else ''} to {out}")
     return 0
 
 

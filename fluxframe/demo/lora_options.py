@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.0, metavar="P",
                         help="train this share of the items with the empty prompt (what true CFG's unconditional "
                              "pass sees), as the demo model was trained")
+    parser.add_argument("--loss-masks", type=Path, default=None, metavar="DIR",
+                        help="a folder of grey masks named as the images (NAME.png for NAME.jpg, same size): each "
+                             "latent token's error counts by the mean of the mask over its pixels, so that what "
+                             "the masks mark (a subject, a detail) dominates the loss")
+    parser.add_argument("--unmasked-weight", type=float, default=0.1, metavar="W",
+                        help="with --loss-masks: the weight of the masks' black parts (0 ignores them, 1 is no "
+                             "mask)")
     parser.add_argument("--sample-every", type=int, default=0, metavar="N",
                         help="every N steps, generate an image per --sample-prompt with the LoRA so far, through "
                              "the deployment's pipeline (filtered, watermarked, signed, audited), into "

@@ -191,16 +191,36 @@ def outline_scenes(count: int = 192, seed: int = 0, *, balanced: bool = False) -
     return out
 
 
-def write_dataset(scenes: list[Scene], folder, size: int = 256) -> int:
-    """Each scene as ``NNNN.png`` with its caption in ``NNNN.txt``: the layout ``fluxframe train-lora`` reads."""
+def write_dataset(scenes: list[Scene], folder, size: int = 256, *, masks: bool = False) -> int:
+    """Each scene as ``NNNN.png`` with its caption in ``NNNN.txt``: the layout ``fluxframe train-lora`` reads;
+    ``masks``: each scene's ``region_mask`` too, as ``masks/NNNN.png`` (for ``train-lora --loss-masks``)."""
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if masks:
+        (folder / "masks").mkdir(exist_ok=True)
     for i, scene in enumerate(scenes):
         render(scene, size).save(folder / f"{i:04d}.png")
         (folder / f"{i:04d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+        if masks:
+            region_mask(scene, size).save(folder / "masks" / f"{i:04d}.png")
     return len(scenes)
+
+
+def region_mask(scene: Scene, size: int = 256, margin: float = 0.03, *, supersample: int = 4):
+    """A grey ``size``×``size`` PIL image, white where the scene's shape is (filled, whatever its style) and
+    ``margin`` (a share of the side) around it, black elsewhere: the part of the picture a style changes."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    big = size * supersample
+    image = Image.new("L", (big, big), 0)
+    fx, fy = POSITIONS[scene.position][1]
+    _draw_shape(ImageDraw.Draw(image), scene.shape, (fx + scene.dx) * big, (fy + scene.dy) * big,
+                SIZES[scene.size] * scene.scale * big, 0.0, 255)
+    image = image.resize((size, size), Image.Resampling.BOX)
+    grow = max(1, round(margin * size))
+    return image.filter(ImageFilter.MaxFilter(2 * grow + 1))
 
 
 def _polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]] | None:

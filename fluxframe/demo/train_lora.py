@@ -16,7 +16,9 @@ The run, in order:
    ``--low-noise P``: a share P of them drawn uniformly below 0.6 instead, as the demo model's own training does
    at its end, since the nearly clean steps are where small details such as a thin stroke's hole are decided;
    ``--caption-dropout P``: a share P of the items train with the empty prompt, as the demo model's training
-   does, so that true CFG's unconditional pass sees the LoRA's style as the conditional one does), the
+   does, so that true CFG's unconditional pass sees the LoRA's style as the conditional one does; ``--loss-masks
+   DIR``: each token's squared error weighted by its share of the item's mask, at least ``--unmasked-weight``,
+   so that what the mask marks counts more than the rest, as OneTrainer's masked training does), the
    base frozen (and quantised, for ``--quantize``), the LoRA in float32, AdamW, optionally with gradient
    checkpointing over the DiT's blocks; for Flex.2 the inpaint, mask and control channels drawn per item as the
    conditioners fill them at generation, each dropped (left empty) part of the time, the guidance embedder
@@ -147,6 +149,59 @@ def dataset_hash(items: list[Item], images: dict) -> str:
     from fluxframe.core.hashing import sha256_json
 
     return "sha256:" + sha256_json([[i.name, images[i.name][1], i.caption] for i in items])
+
+
+def read_loss_masks(items: list[Item], folder: Path, images: dict) -> dict[str, object]:
+    """Each item's loss mask: the grey image ``folder/<item stem>.<png|jpg|jpeg|webp>`` of the item's size (white
+    counts fully, black at ``--unmasked-weight``), with its bytes' SHA-256; TrainingError naming the file for a
+    missing, unreadable or mis-sized mask."""
+    from PIL import Image
+
+    from fluxframe.core.inputs import read_input
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"--loss-masks {folder}: not a folder")
+    masks = {}
+    for item in items:
+        stem = Path(item.name).stem
+        found = [p for p in (folder / (stem + suffix) for suffix in IMAGE_SUFFIXES) if p.is_file()]
+        if not found:
+            raise TrainingError(f"{item.image}: no loss mask (expected {stem}.png in {folder})")
+        try:
+            data = read_input(found[0], "mask")
+            mask = data.image("mask").convert("L")
+        except RequestError as exc:
+            raise TrainingError(str(exc).removeprefix("mask: ")) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise TrainingError(f"{found[0]}: unreadable mask ({exc})") from None
+        if mask.size != images[item.name][0].size:
+            w, h = images[item.name][0].size
+            raise TrainingError(f"{found[0]}: the mask is {mask.size[0]}x{mask.size[1]}, its image {item.image.name} "
+                                f"is {w}x{h}")
+        masks[item.name] = (mask, data.sha256)
+    return masks
+
+
+def token_weights(mask, resolution: int, ids: torch.Tensor, floor: float) -> torch.Tensor:
+    """(tokens,) loss weights of one item: the mask squared and cropped as its image is, each token's weight the
+    mean of the mask over the pixels the token covers, raised to at least ``floor`` (``ids``: the tokens'
+    (..., row, col, ...) positions, as the family's image ids give them)."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.asarray(square(mask, resolution), dtype=np.float32) / 255.0).clamp(0, 1)
+    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    grid = F.adaptive_avg_pool2d(pixels[None, None], (int(rows.max()) + 1, int(cols.max()) + 1))[0, 0]
+    return floor + (1 - floor) * grid[rows, cols]
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error of (batch, tokens, channels) predictions; with (batch, tokens) ``weights``, each
+    token's mean squared error weighted by them, divided by their sum (a weighted mean: the loss keeps its scale
+    however much of a picture the masks cover)."""
+    if weights is None:
+        return F.mse_loss(pred, target)
+    return ((pred - target).pow(2).mean(-1) * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def filter_items(policy, items: list[Item], images: dict, strict: bool) -> tuple[list[Item], list[dict]]:
@@ -551,7 +606,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
           gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
           inpaint_dropout: float | None = None, control_dropout: float | None = None,
           control_kinds: tuple[str, ...] | None = None, low_noise: float = 0.0, caption_dropout: float = 0.0,
-          host=None, stop_after: int | None = None, after_backward=None, command: str | None = None) -> Path:
+          loss_masks: Path | None = None, unmasked_weight: float = 0.1, host=None, stop_after: int | None = None,
+          after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
     many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
     (tests): called with the LoRAs after each backward pass, before clipping and the optimiser step."""
@@ -580,6 +636,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         raise TrainingError(f"--caption-dropout: must be a share from 0 to 1, got {caption_dropout}")
     if not lr > 0:
         raise TrainingError(f"--lr: must be positive, got {lr}")
+    if not 0 <= unmasked_weight <= 1:
+        raise TrainingError(f"--unmasked-weight: must be from 0 to 1, got {unmasked_weight}")
     sample_prompts = tuple(p.strip() for p in (sample_prompts or ()))
     if sample_every < 0:
         raise TrainingError(f"--sample-every: must be 0 (no samples) or more, got {sample_every}")
@@ -599,6 +657,11 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     items = read_dataset(data)
     images = open_images(items)
     data_hash = dataset_hash(items, images)
+    masks = read_loss_masks(items, loss_masks, images) if loss_masks is not None else None
+    for item in items if masks is not None and unmasked_weight == 0 else ():
+        if square(masks[item.name][0], resolution).getbbox() is None:
+            raise TrainingError(f"--loss-masks: the mask of {item.image} is black where the image is cropped to "
+                                f"{resolution}x{resolution}, and --unmasked-weight 0 leaves it nothing to train on")
 
     if config.lora:
         raise TrainingError(f"{config.source}: the deployment applies [[lora]] entries; train on the bare base "
@@ -641,6 +704,11 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         settings["low_noise"] = low_noise
     if caption_dropout:
         settings["caption_dropout"] = caption_dropout
+    if masks is not None:
+        from fluxframe.core.hashing import sha256_json
+
+        settings["loss_masks"] = {"sha256": "sha256:" + sha256_json([[i.name, masks[i.name][1]] for i in kept]),
+                                  "unmasked_weight": unmasked_weight}
     if flex2:
         settings["conditioning"] = {"inpaint_dropout": inpaint_dropout, "control_dropout": control_dropout,
                                     "control_kinds": list(control_kinds) if control else []}
@@ -682,6 +750,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
 
     tokens, embeds = cache["tokens"].to(model.device), cache["embeds"].to(model.device)
     img_ids, txt_ids = cache["image_ids"].to(model.device), cache["text_ids"].to(model.device)
+    weights = None if masks is None else torch.stack([token_weights(masks[i.name][0], resolution, cache["image_ids"],
+                                                                    unmasked_weight) for i in kept]).to(model.device)
     if model.name == "flex2":
         from fluxframe.plugins.flex2.family import flux1_mu
 
@@ -750,7 +820,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
                 dropped = (torch.rand(batch_size, generator=gen) < caption_dropout).to(model.device) \
                     if caption_dropout else None
                 pred = predict(x0, noise, sigma, idx, extra, dropped)
-                loss = F.mse_loss(pred.float(), (noise - x0).float())
+                loss = masked_mse(pred.float(), (noise - x0).float(), None if weights is None else weights[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if after_backward is not None:
@@ -781,7 +851,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         "alpha_folded_into_lora_B": True, "steps": steps, "lr": lr, "batch_size": batch_size,
         "resolution": resolution, "targets": list(targets), "seed": seed, "schedule_mu": mu,
         "low_noise": {"share": low_noise, "below": LOW_NOISE_MAX} if low_noise else None,
-        "caption_dropout": caption_dropout or None,
+        "caption_dropout": caption_dropout or None, "loss_masks": settings.get("loss_masks"),
         "quantize": quantized, "gradient_checkpointing": gradient_checkpointing or None,
         "conditioning": settings.get("conditioning"),
         "guidance_embedding": "bypassed" if flex2 and transformer.guidance_in is not None else None,
@@ -823,6 +893,7 @@ def run(args) -> int:
                 gradient_checkpointing=args.gradient_checkpointing, sample_every=args.sample_every,
                 sample_prompts=tuple(args.sample_prompt or ()), inpaint_dropout=args.inpaint_dropout,
                 control_dropout=args.control_dropout, control_kinds=kinds, low_noise=args.low_noise,
-                caption_dropout=args.caption_dropout, command=command)
+                caption_dropout=args.caption_dropout, loss_masks=args.loss_masks,
+                unmasked_weight=args.unmasked_weight, command=command)
     print(f"wrote {out} and {_paths(out)['record'].name}")
     return 0
