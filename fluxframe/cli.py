@@ -389,10 +389,12 @@ def cmd_batch(args) -> int:
     """Check the file and the results file, load once, run (fluxframe.core.batch), report per item."""
     from fluxframe import api
     from fluxframe.core import batch
+    from fluxframe.core.pipeline import build_guard
 
     config = api.load_config(args.config)
     results = (args.results or config.output_dir / "results.jsonl").absolute()
     total = batch.scan(args.requests)  # a file that cannot run at all stops here, before weights load
+    batch.check_results(results, args.requests, build_guard(config))
     if not args.resume and results.exists() and results.stat().st_size:
         raise RequestError(f"{results} exists: --resume to continue that run, or --results for another file",
                            field="--results")

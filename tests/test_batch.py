@@ -143,6 +143,38 @@ def test_an_existing_results_file_needs_resume(deploy, tmp_path, capsys):
     assert "--resume to continue" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["audit log", "a link to the audit log", "config", "requests", "folder",
+                                    "not jsonl"])
+def test_results_may_not_be_a_file_the_deployment_reads_or_writes(deploy, tmp_path, capsys, target):
+    """A run appends to its results file and --resume cuts a torn last line off it: pointed at the audit log, the
+    config or the requests file it would break the chain or the deployment. Refused before the model loads, with
+    every file as it was."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n')
+    assert main(["batch", "--config", str(deploy), str(tmp_path / "p.jsonl")]) == 0
+    results = {"audit log": tmp_path / "audit.jsonl", "a link to the audit log": tmp_path / "link.jsonl",
+               "config": deploy, "requests": tmp_path / "p.jsonl", "folder": tmp_path / "out.jsonl",
+               "not jsonl": tmp_path / "results.txt"}[target]
+    if target == "a link to the audit log":
+        results.symlink_to(tmp_path / "audit.jsonl")
+    if target == "folder":
+        results.mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["batch", "--config", str(deploy), str(tmp_path / "p.jsonl"), "--results", str(results),
+                 "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fluxframe: error: --results: ") and str(results) in err and "\n" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert verify_log(tmp_path / "audit.jsonl").ok
+    if target == "audit log":  # the Python API refuses it as well, by the loaded pipeline's guard
+        from fluxframe import api
+
+        with pytest.raises(RequestError, match="a file this deployment reads or writes"):
+            batch.run_batch(api.load(api.load_config(deploy)), tmp_path / "p.jsonl", results=results,
+                            output_dir=tmp_path / "out", resume=True)
+        assert verify_log(tmp_path / "audit.jsonl").ok
+
+
 class Stub:
     """Any object with generate_many will do: a pipeline that answers at once."""
 

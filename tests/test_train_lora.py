@@ -210,6 +210,29 @@ def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(diffusers_flux
     assert written(out.parent) == []
 
 
+def test_out_may_not_reach_a_file_the_deployment_guards(diffusers_flux2_folder, lora_host, tmp_path):
+    """--out inside the base checkpoint (a LoRA written over the transformer's weights), or an --out whose record
+    beside it would be the audit log: refused before anything loads, every guarded file untouched."""
+    import hashlib
+    import shutil
+
+    base = shutil.copytree(diffusers_flux2_folder, tmp_path / "base")
+    weights = next((base / "transformer").glob("*.safetensors"))
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    data = make_data(tmp_path / "data", colours=("red",))
+    (tmp_path / "run").mkdir()
+    audit_log = tmp_path / "run" / "style.training.json"  # an odd name for a log, but the deployment's own
+    cfg = config(base, tmp_path, safety={"filters": {"keyword": {}}, "audit_log": str(audit_log)})
+    for out, guarded in ((weights, str(weights)), (tmp_path / "run" / "style.safetensors", str(audit_log))):
+        with pytest.raises(TrainingError) as err:
+            train_lora.train(cfg, data, out, host=lora_host, **OPTIONS)
+        assert str(err.value).startswith(f"--out {out}: ") and guarded in str(err.value)
+        assert "\n" not in str(err.value)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert written(base / "transformer") == sorted(p.name for p in (diffusers_flux2_folder / "transformer").iterdir())
+    assert written(tmp_path / "run") == []
+
+
 def test_cli_registers_train_lora_and_reports_errors_on_one_line(lora_host, tmp_path, capsys):
     from fluxframe.cli import main
 

@@ -292,6 +292,22 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def check_results(results: Path, requests: Path, guard: Any = None) -> None:
+    """The results file must be a ``.jsonl`` file of its own: not the requests file, not a folder, and not a file
+    the deployment reads or writes (``guard``: its OutputGuard; the config, the audit log and its head, a key, a
+    checkpoint ...), since a run appends to it and ``--resume`` cuts a torn last line off it. RequestError naming
+    ``--results`` otherwise."""
+    results = Path(results)
+    if results.suffix.lower() != ".jsonl":
+        raise RequestError(f"{results}: the results file is JSON lines; name it *.jsonl", field="--results")
+    if results.is_dir():
+        raise RequestError(f"{results}: a folder, not a file", field="--results")
+    if results.exists() and Path(requests).exists() and os.path.samefile(results, requests):
+        raise RequestError(f"{results}: the requests file itself; give the results another file", field="--results")
+    if guard is not None and (why := guard.problem(results)) is not None:
+        raise RequestError(f"{results} {why}", field="--results")
+
+
 class Results:
     """``results.jsonl``: one whole JSON line per item, appended and flushed as each finishes. A ``start`` line
     opens each run (its nonce seeds the items that give no seed). A line cut short by a kill is dropped on resume."""
@@ -389,6 +405,7 @@ def run_batch(pipeline: Any, requests: str | Path, *, results: str | Path, outpu
               report: Callable[[Outcome, Summary], None] | None = None) -> Summary:
     """Run every item of ``requests`` through ``pipeline.generate_many`` in groups of ``batch_size`` consecutive
     items, appending each item's results line to ``results`` as its group finishes. See the module docstring."""
+    check_results(Path(results), Path(requests), getattr(getattr(pipeline, "stages", None), "guard", None))
     requests, results_file, output_dir = Path(requests), Results(Path(results)), Path(output_dir)
     base = requests.absolute().parent
     config = getattr(pipeline, "config", None)

@@ -615,7 +615,7 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
 
     from fluxframe.core.files import atomic_write
     from fluxframe.core.hashing import sha256_file
-    from fluxframe.core.pipeline import Pipeline
+    from fluxframe.core.pipeline import Pipeline, build_guard
     from fluxframe.core.plugins import PluginHost
     from fluxframe.core.types import Conditioning
 
@@ -624,6 +624,10 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise TrainingError(f"{out}: the LoRA is written as safetensors; name it *.safetensors")
+    guard = build_guard(config)
+    for path in (out, *_paths(out).values()):  # the LoRA, its record, and the checkpoint and cache beside it
+        if (why := guard.problem(path)) is not None:
+            raise TrainingError(f"--out {out}: {path} {why}")
     for option, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size),
                           ("--checkpoint-every", checkpoint_every)):
         if value < 1:
