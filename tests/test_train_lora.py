@@ -233,6 +233,22 @@ def test_out_may_not_reach_a_file_the_deployment_guards(diffusers_flux2_folder, 
     assert written(tmp_path / "run") == []
 
 
+def test_a_finished_loras_file_is_replaced_only_with_overwrite(diffusers_flux2_folder, lora_host, tmp_path):
+    data = make_data(tmp_path / "data", colours=("red",))
+    cfg = config(diffusers_flux2_folder, tmp_path)
+    out = tmp_path / "run" / "style.safetensors"
+    options = {**OPTIONS, "steps": 2}
+    train_lora.train(cfg, data, out, host=lora_host, **options)
+    first = out.read_bytes()
+    with pytest.raises(TrainingError, match="exists; pass --overwrite") as err:
+        train_lora.train(cfg, data, out, host=lora_host, **{**options, "seed": 4})
+    assert str(err.value).startswith(f"--out {out}: ") and out.read_bytes() == first
+    assert written(out.parent) == ["style.safetensors", "style.training.json"]
+    train_lora.train(cfg, data, out, host=lora_host, overwrite=True, **{**options, "seed": 4})
+    assert out.read_bytes() != first
+    assert json.loads((out.parent / "style.training.json").read_text())["seed"] == 4
+
+
 def test_cli_registers_train_lora_and_reports_errors_on_one_line(lora_host, tmp_path, capsys):
     from fluxframe.cli import main
 

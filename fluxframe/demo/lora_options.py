@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the LoRA's initialisation, the batches, noise and timesteps")
     parser.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                         help="save the resumable state every N steps (the same command continues from it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if a finished training left it there (an unfinished one continues)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first item the safety filters block (default: skip and list it)")
     parser.add_argument("--quantize", choices=QUANTIZE_FORMATS, default=None,

@@ -606,8 +606,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
           gradient_checkpointing: bool = False, sample_every: int = 0, sample_prompts: tuple[str, ...] = (),
           inpaint_dropout: float | None = None, control_dropout: float | None = None,
           control_kinds: tuple[str, ...] | None = None, low_noise: float = 0.0, caption_dropout: float = 0.0,
-          loss_masks: Path | None = None, unmasked_weight: float = 0.1, host=None, stop_after: int | None = None,
-          after_backward=None, command: str | None = None) -> Path:
+          loss_masks: Path | None = None, unmasked_weight: float = 0.1, overwrite: bool = False, host=None,
+          stop_after: int | None = None, after_backward=None, command: str | None = None) -> Path:
     """Train and write the LoRA ``out``; see the module's docstring. ``stop_after`` (tests): return after that
     many steps of this run, with the checkpoint written, as an interrupted run leaves it. ``after_backward``
     (tests): called with the LoRAs after each backward pass, before clipping and the optimiser step."""
@@ -628,6 +628,8 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     for path in (out, *_paths(out).values()):  # the LoRA, its record, and the checkpoint and cache beside it
         if (why := guard.problem(path)) is not None:
             raise TrainingError(f"--out {out}: {path} {why}")
+    if out.exists() and not _paths(out)["state"].exists() and not overwrite:  # a finished training's file
+        raise TrainingError(f"--out {out}: exists; pass --overwrite to train again and replace it")
     for option, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size),
                           ("--checkpoint-every", checkpoint_every)):
         if value < 1:
@@ -898,6 +900,6 @@ def run(args) -> int:
                 sample_prompts=tuple(args.sample_prompt or ()), inpaint_dropout=args.inpaint_dropout,
                 control_dropout=args.control_dropout, control_kinds=kinds, low_noise=args.low_noise,
                 caption_dropout=args.caption_dropout, loss_masks=args.loss_masks,
-                unmasked_weight=args.unmasked_weight, command=command)
+                unmasked_weight=args.unmasked_weight, overwrite=args.overwrite, command=command)
     print(f"wrote {out} and {_paths(out)['record'].name}")
     return 0
