@@ -281,6 +281,18 @@ def test_the_lattice_as_embedded_is_tried_first():
     assert found["detected"] and found["decoded"] == MESSAGE, found
 
 
+def test_the_lattice_as_embedded_is_also_tried_at_the_autocorrelations_best_angle(monkeypatch):
+    """coins at 256², rotated 5° and cropped: the search's candidates miss the rotated lattice; the tile's own
+    period at the angle whose lattice collects the most autocorrelation finds it (unrotated, it does not)."""
+    attacked = rb.ISSUE26["rotate +5° (cropped)"](_marked_256("coins"))
+    found = wm.match(attacked, {"fluxframe": MESSAGE}, method=RS)
+    assert found["detected"] and found["decoded"] == MESSAGE, found
+    assert found["rotation"] == pytest.approx(5.0, abs=0.4)
+    priors = lattice._priors
+    monkeypatch.setattr(lattice, "_priors", lambda auto: priors(auto)[:1])
+    assert not wm.match(attacked, {"fluxframe": MESSAGE}, method=RS)["detected"]
+
+
 def test_a_word_that_does_not_decode_is_read_again_on_the_lattice_before_its_polish(monkeypatch):
     """brick at 256², unattacked: the polish on the sync chips follows the bricks' own pattern 0.3 % off the
     mark's lattice (23 coded bits wrong); the lattice as found reads 12 wrong, and decodes."""
@@ -292,9 +304,9 @@ def test_a_word_that_does_not_decode_is_read_again_on_the_lattice_before_its_pol
 
 
 def test_a_word_that_does_not_decode_is_read_again_on_the_lattice_refitted_on_all_chips(monkeypatch):
-    """immunohistochemistry at 256², aspect x 0.9: found 0.2-0.5 % off, 34 coded bits wrong; refitted on all
-    the chips it reads 13 wrong, and decodes (the lattice before the polish does not)."""
-    attacked = np.asarray(rb.ISSUE26["aspect x 0.9, y 1.0"](_marked_256("immunohistochemistry")))
+    """immunohistochemistry at 256², cropped 10 % at the bottom: its word fails on the lattice polished on the sync
+    chips and on the lattice before that polish; refitted on all the chips it decodes."""
+    attacked = np.asarray(rb.ISSUE26["crop 10% bottom"](_marked_256("immunohistochemistry")))
     found = lattice.read(attacked, {48})
     assert found["confidence"] >= lattice.CONFIDENCE_THRESHOLD and found["words"][48]["message"] == MESSAGE
     monkeypatch.setattr(lattice, "_refit", lambda residual, basis, count, length: (basis, np.zeros(125)))
