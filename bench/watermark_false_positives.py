@@ -234,6 +234,7 @@ def probabilities() -> dict[str, dict]:
         wm.LATTICE_METHOD: {"probability": wm.lattice_false_match_probability(len(wm.FLUXFRAME_MESSAGE)),
                             "rule": f"BCH word of {len(wm.FLUXFRAME_MESSAGE) + code.ecc_bits} bits within "
                                     f"{code.t} + {lattice._CHASE} errors (Chase decoding) of fluxframe's codeword, "
+                                    f"in any of up to {lattice.READINGS} words read on different lattices, "
                                     f"and sync confidence ≥ {lattice.CONFIDENCE_THRESHOLD} (not counted)"},
     }
 

@@ -20,14 +20,18 @@ change) — from the autocorrelation before it reads the message.
 * **Detection.** The luminance (reduced k times on large images) is whitened; its autocorrelation has a peak on
   every point of the lattice the two tile edges span, however the image was rotated, resized or stretched. A
   search over the lattice's period, angle (±``MAX_ANGLE``°) and aspect, then a refinement of both basis vectors
-  coordinate by coordinate, gives the lattice; for the best few lattices the residual is resampled into the
-  tile's own frame
+  coordinate by coordinate, gives candidate lattices, after the lattice as embedded and the same period at the
+  autocorrelation's best angle (tried first, unrefined: re-encoding, crops and colour changes leave the first, a
+  rotation the second); for each the residual is resampled into the tile's own frame
   (one affine warp undoes rotation, scale and aspect at once), folded modulo 64 (averaging every copy of the
   tile; a crop only removes some, rotated-in corners count as missing) and cross-correlated with the sync pattern
   by FFT, which gives the translation; the best lattice is polished on the sync peak. The sync peak over the
   correlation's noise in standard deviations is the **confidence**; the chips are then read by matched filtering
-  and decoded with the soft values (Chase decoding through the BCH decoder, see ``_decode``). The
-  estimated rotation (degrees, counter-clockwise as PIL's ``rotate``) and scale (x, y) come with the message.
+  and decoded with the soft values (Chase decoding through the BCH decoder, see ``_decode``). Where the
+  confidence reaches the threshold but the word does not decode, it is read again on the lattice before the
+  polish, then on the lattice refitted on all the chips (``_refit``: sync and message, at a sub-pixel offset),
+  ``READINGS`` words at most. The estimated rotation (degrees, counter-clockwise as PIL's ``rotate``) and scale
+  (x, y) come with the message.
 
 A mark is claimed only at ``CONFIDENCE_THRESHOLD`` and a decode within the code's correction radius plus the
 ``_CHASE`` flipped bits (see ``robust.decode_word``). Dense fine textures (gravel, grass, brick) at 256² do not hold
@@ -51,6 +55,7 @@ from fluxframe.provenance.robust import (
     _blur,
     _gauss_transfer,
     _lattice_score,
+    _smoother,
     decode_word,
     encode_bits,
 )
@@ -83,7 +88,14 @@ _REACH = 2  # the coarse search counts lattice points up to this many periods al
 _REACH_FINE = 4  # ... and the refinement up to this many
 _SURE = 9.0  # a lattice this confident ends the search (marked images saturate at 10-12)
 _POLISH = 4.5  # a best lattice under this sync confidence is not polished (nothing to polish)
+_PRIOR_STEP = 0.25  # angle step, in degrees, of the search for the lattice as embedded, rotated (see ``_priors``)
 _CHASE = 5  # least reliable bits flipped in every combination by the soft decoder
+# The all-chip refit (``_refit``), tried only where a confident lattice's word does not decode:
+_REFIT_STEPS = (0.004, 0.002, 0.001)  # basis steps, as fractions of the period, coarse to fine
+_REFIT_ROUNDS = 1  # sweeps over the four coordinates per step at most (3 read the same totals, at up to 3x the cost)
+#: Readings of the coded word that may be decoded per image and message length: the sync-polished lattice's, the
+#: lattice's before that polish, the all-chip refit's (see ``read``).
+READINGS = 3
 # Informed embedding (see ``embed_rgb``):
 _ROUNDS = 3  # closed-loop rounds: mark, read back at the known lattice, re-weight (0: the uninformed mark)
 _GAIN_MIN, _GAIN_MAX = 0.4, 3.0  # a coded bit's chip amplitude, relative to the uninformed mark's
@@ -472,8 +484,28 @@ def _geometry(v1: np.ndarray, v2: np.ndarray, shrink: int, base: int) -> tuple[f
     return angle, (float(np.hypot(*v1)) / unit, float(np.hypot(*v2)) / unit)
 
 
-def _search(luma: np.ndarray, shrink: int) -> tuple | None:
-    """The best lattice of ``luma`` reduced ``shrink`` times: (confidence, offset, folded, basis, count, shrink)."""
+def _priors(auto: np.ndarray) -> list[np.ndarray]:
+    """The lattice as embedded (the tile's own period, no rotation, no aspect change), and the same period at the
+    angle (±``MAX_ANGLE``°, steps of ``_PRIOR_STEP``°) whose lattice collects the most autocorrelation: an image
+    rotated but not resized."""
+    angles = np.radians(np.arange(-MAX_ANGLE, MAX_ANGLE + 1e-9, _PRIOR_STEP))
+    v1, v2 = _basis(np.full(len(angles), float(TILE)), angles)
+    best = int(np.argmax(_comb(auto, v1, v2, _REACH_FINE)))
+    out = [np.array([TILE, 0.0, 0.0, TILE])]
+    if abs(angles[best]) > 1e-9:
+        out.append(np.concatenate([v1[best], v2[best]]))
+    return out
+
+
+def _search(luma: np.ndarray, shrink: int, prior: bool = True) -> tuple | None:
+    """The best lattice of ``luma`` reduced ``shrink`` times: (confidence, offset, folded, basis, count, shrink,
+    residual, start), ``start`` the first five as the best candidate gave them, before ``_polish``.
+
+    With ``prior``, the lattice the mark was embedded on (the tile's own period, no rotation, no aspect change:
+    what re-encoding, crops and colour or contrast changes leave), and that period at the autocorrelation's best
+    angle (a rotation without resize), are tried first, unrefined (``_priors``), then the autocorrelation's
+    candidates (see ``_lattices``): on textured photos at 256² the texture's own autocorrelation can outscore the
+    mark's lattice, or pull the refinement 0.3-0.8 % off it."""
     import cv2
 
     if shrink > 1:
@@ -481,17 +513,102 @@ def _search(luma: np.ndarray, shrink: int) -> tuple | None:
     residual = _whiten(luma)
     auto = _autocorrelation(residual)
     best = None
-    for candidate in _lattices(auto):
-        basis = _refine(auto, candidate, _REACH_FINE)
+    candidates = [(True, candidate) for candidate in _lattices(auto)]  # none where the image is too small
+    if prior and candidates:
+        candidates[:0] = [(False, basis) for basis in _priors(auto)]
+    for refine, candidate in candidates:
+        basis = _refine(auto, candidate, _REACH_FINE) if refine else candidate
         folded, count = _fold(residual, basis[:2], basis[2:])
         confidence, offset = PATTERN.sync_peak(folded)
         if best is None or confidence > best[0]:
             best = (confidence, offset, folded, basis, count)
         if confidence >= _SURE:
             break
-    if best is not None and best[0] >= _POLISH:
+    if best is None:
+        return None
+    start = best
+    if best[0] >= _POLISH:
         best = _polish(residual, best)
-    return None if best is None else (*best, shrink)
+    return (*best, shrink, residual, start)
+
+
+def _chip_values(spectrum: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
+    """Every chip of a folded tile (given by its ``rfft2``) read by matched filtering with the tile's origin at
+    ``offset`` (row, col; fractional: the fold is shifted by a phase ramp, exact for the smoothed tile) — what
+    ``PATTERN.soft_words`` reads at an integer offset, before the chips are summed into coded bits."""
+    fy = np.fft.fftfreq(TILE)[:, None]
+    fx = np.fft.rfftfreq(TILE)[None, :]
+    phase = np.exp(2j * np.pi * (fy * offset[0] + fx * offset[1]))
+    matched = np.fft.irfft2(spectrum * _smoother(TILE, _SMOOTH) * phase, s=(TILE, TILE))
+    return matched.reshape(GRID, CHIP, GRID, CHIP).sum(axis=(1, 3)).ravel()
+
+
+def _soft_from_chips(chips: np.ndarray, length: int) -> np.ndarray:
+    """The coded bits' soft values from the chip values (as ``PATTERN.soft_words``)."""
+    n = length + _bch(length).ecc_bits
+    return np.bincount(np.arange(len(PATTERN.message)) % n, weights=chips[PATTERN.message] * PATTERN.spread,
+                       minlength=n)
+
+
+def _subpixel(corr: np.ndarray, index: tuple[int, int]) -> tuple[float, float]:
+    """The correlation's peak at ``index`` located to a fraction of a pixel (a parabola through it and its two
+    cyclic neighbours, per axis)."""
+    out = []
+    for axis in (0, 1):
+        step = np.zeros(2, int)
+        step[axis] = 1
+        before = corr[tuple((np.array(index) - step) % TILE)]
+        after = corr[tuple((np.array(index) + step) % TILE)]
+        centre = corr[index]
+        curve = before - 2 * centre + after
+        out.append(index[axis] + (float(np.clip(0.5 * (before - after) / curve, -0.5, 0.5)) if curve < 0 else 0.0))
+    return out[0], out[1]
+
+
+def _refit(residual: np.ndarray, basis: np.ndarray, count: np.ndarray, length: int,
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The lattice refitted on all the chips, for a word that did not decode on the lattice polished on the sync
+    chips alone (a quarter of the tile): pattern search over the basis maximising the sync correlation plus the
+    sum of the coded bits' soft magnitudes — all 256 chips, the message chips by their own sign — each lattice
+    read at the sync peak located to a fraction of a pixel. Returns the basis and the coded bits' soft values
+    there."""
+
+    def score(trial: np.ndarray) -> tuple[float, np.ndarray]:
+        folded, _ = _fold(residual, trial[:2], trial[2:], count)
+        spectrum = np.fft.rfft2(folded)
+        corr = np.fft.irfft2(spectrum * PATTERN._sync_spectrum, s=folded.shape)
+        index = np.unravel_index(int(np.argmax(corr)), corr.shape)
+        chips = _chip_values(spectrum, _subpixel(corr, (int(index[0]), int(index[1]))))
+        soft = _soft_from_chips(chips, length)
+        return float(np.sum(chips[PATTERN.sync] * PATTERN.sync_sign) + np.sum(np.abs(soft))), soft
+
+    best, soft = score(basis)
+    for step in _REFIT_STEPS:
+        size = step * float(np.hypot(*basis[:2]))
+        for _ in range(_REFIT_ROUNDS):
+            improved = False
+            for axis in range(4):
+                for sign in (-1.0, 1.0):
+                    trial = basis.copy()
+                    trial[axis] += sign * size
+                    value, trial_soft = score(trial)
+                    if value > best:
+                        best, soft, basis, improved = value, trial_soft, trial, True
+            if not improved:
+                break
+    return basis, soft
+
+
+def _rereadings(best: tuple, length: int):
+    """The further readings of the coded word (soft values) where a confident lattice's word does not decode:
+    on the lattice as found, before the polish on the sync chips (a texture can pull the sync peak a little off
+    the mark's lattice: brick at 256²), then on the lattice refitted on all the chips (``_refit``). With the
+    first reading, at most ``READINGS`` words are decoded per length; the confidence, offset and geometry stay
+    the sync-polished lattice's."""
+    _, _, _, basis, count, _, residual, start = best
+    if start[3] is not basis:
+        yield PATTERN.soft_words(start[2], start[1], {length})[length]
+    yield _refit(residual, basis, count, length)[1]
 
 
 def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None = None) -> dict[str, Any]:
@@ -513,18 +630,23 @@ def read(rgb: np.ndarray, lengths: set[int] | list[int], base_scale: int | None 
     best = _search(luma, shrink)
     if (best is not None and best[0] < _SURE and float(np.hypot(*best[3][:2])) > _LONG_PERIOD
             and min(height, width) // (2 * shrink) >= 4 * _LAG_MIN):
-        again = _search(luma, 2 * shrink)
+        again = _search(luma, 2 * shrink, prior=False)
         if again is not None and again[0] > best[0]:
             best = again
     result: dict[str, Any] = {"confidence": 0.0, "rotation": None, "scale": None, "offset": None, "words": {}}
     if best is None:
         return result
-    confidence, offset, folded, basis, _, shrink = best
-    v1, v2 = basis[:2], basis[2:]
-    base = tile_scale(width, height) if base_scale is None else base_scale
-    rotation, scale = _geometry(v1, v2, shrink, base)
-    result.update(confidence=confidence, rotation=rotation, scale=scale, offset=offset)
+    confidence, offset, folded, basis, _, shrink, _, _ = best
     for length, soft in PATTERN.soft_words(folded, offset, lengths).items():
         decoded, errors = _decode(soft, length)
+        if decoded is None and confidence >= CONFIDENCE_THRESHOLD:
+            for other in _rereadings(best, length):
+                other_decoded, other_errors = _decode(other, length)
+                if other_decoded is not None:
+                    soft, decoded, errors = other, other_decoded, other_errors
+                    break
         result["words"][length] = {"soft": soft, "hard": soft > 0, "message": decoded, "errors": errors}
+    base = tile_scale(width, height) if base_scale is None else base_scale
+    rotation, scale = _geometry(basis[:2], basis[2:], shrink, base)
+    result.update(confidence=confidence, rotation=rotation, scale=scale, offset=offset)
     return result

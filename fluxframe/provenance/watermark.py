@@ -370,10 +370,11 @@ def robust_false_match_probability(length: int) -> float:
 
 def lattice_false_match_probability(length: int) -> float:
     """As ``robust_false_match_probability`` for ``fluxframe-rs``, whose soft decoder accepts a codeword up to
-    ``lattice._CHASE`` bits beyond the code's correction radius from the word read."""
+    ``lattice._CHASE`` bits beyond the code's correction radius from the word read, and which decodes up to
+    ``lattice.READINGS`` words read on different lattices of a confident image (a union bound over them)."""
     code = robust._bch(length)
     n = length + code.ecc_bits
-    return sum(math.comb(n, k) for k in range(code.t + lattice._CHASE + 1)) / 2.0**n
+    return lattice.READINGS * sum(math.comb(n, k) for k in range(code.t + lattice._CHASE + 1)) / 2.0**n
 
 
 def _match_robust(image, messages: dict[str, str], method: str = ROBUST_METHOD) -> dict:
