@@ -62,7 +62,12 @@ def test_message_survives(marked, size):
 
 def test_psnr_stays_at_least_38_and_40_on_average(marked):
     values = [rb.psnr(_image(name, size), marked[size, name]) for size, name in marked]
-    assert min(values) >= 38.0 and np.mean(values) >= 40.0, values
+    # Issue 26: at least 38 dB and 40 on average. Textured photos sit at PSNR_TARGET (39 dB), half a decibel over
+    # the 38 after rounding; the flat gradient is held at PSNR_FLAT (44 dB) at every size, as before the target was
+    # lowered (a mottled texture shows there first).
+    assert min(values) >= 38.5 and np.mean(values) >= 40.0, values
+    flat = [rb.psnr(_image("gradient", size), marked[size, "gradient"]) for size in CASES]
+    assert min(flat) >= 43.5, flat
 
 
 @pytest.mark.parametrize(("size", "attack", "rotation", "scale"), [
@@ -164,8 +169,10 @@ def test_verify_reports_rotation_and_scale(marked, tmp_path):
 
 
 def _uninformed(monkeypatch, image: Image.Image) -> Image.Image:
-    """``image`` marked as before the informed embedding (every chip at amplitude 1: the same pixels)."""
+    """``image`` marked as before the informed embedding (every chip at amplitude 1, textured images at the 40 dB
+    target of the time: the same pixels)."""
     monkeypatch.setattr(lattice, "_ROUNDS", 0)
+    monkeypatch.setattr(lattice, "PSNR_TARGET", 40.0)
     marked, _ = wm.embed(image, MESSAGE, method=RS)
     monkeypatch.undo()
     return marked
@@ -189,7 +196,7 @@ def test_textured_photos_the_uninformed_mark_lost_now_read_after_jpeg(monkeypatc
     before = wm.match(rb.jpeg(75)(_uninformed(monkeypatch, image)), {"fluxframe": MESSAGE}, method=RS)
     assert before["decoded"] != MESSAGE, before
     marked, _ = wm.embed(image, MESSAGE, method=RS)
-    assert rb.psnr(image, marked) >= 39.5
+    assert rb.psnr(image, marked) >= 38.5  # PSNR_TARGET 39 dB, less rounding
     for attack in ("none", "JPEG 90", "JPEG 75", "JPEG 60"):
         found = wm.match(rb.ISSUE26[attack](marked), {"fluxframe": MESSAGE}, method=RS)
         assert found["detected"] and found["decoded"] == MESSAGE, (attack, found)
@@ -211,7 +218,7 @@ def test_informed_sync_lifts_a_textured_photo_over_the_threshold(monkeypatch):
     assert wm.match(_uninformed(monkeypatch, image), {"fluxframe": MESSAGE}, method=RS)["confidence"] < 7.0
     marked, _ = wm.embed(image, MESSAGE, method=RS)
     assert lattice.read(np.asarray(marked), {48})["confidence"] >= lattice.CONFIDENCE_THRESHOLD + 1.0
-    assert rb.psnr(image, marked) >= 39.5
+    assert rb.psnr(image, marked) >= 38.5  # PSNR_TARGET 39 dB, less rounding
 
 
 def test_marks_of_the_uninformed_embedder_still_read(monkeypatch):
@@ -304,9 +311,13 @@ def test_a_word_that_does_not_decode_is_read_again_on_the_lattice_before_its_pol
 
 
 def test_a_word_that_does_not_decode_is_read_again_on_the_lattice_refitted_on_all_chips(monkeypatch):
-    """immunohistochemistry at 256², cropped 10 % at the bottom: its word fails on the lattice polished on the sync
-    chips and on the lattice before that polish; refitted on all the chips it decodes."""
-    attacked = np.asarray(rb.ISSUE26["crop 10% bottom"](_marked_256("immunohistochemistry")))
+    """immunohistochemistry at 256², marked at the 40 dB target of files made before PSNR_TARGET went to 39 (at 39
+    it decodes without the refit), cropped 10 % at the bottom: its word fails on the lattice polished on the sync chips
+    and on the lattice before that polish; refitted on all the chips it decodes."""
+    with monkeypatch.context() as patch:
+        patch.setattr(lattice, "PSNR_TARGET", 40.0)
+        marked = _marked_256("immunohistochemistry")
+    attacked = np.asarray(rb.ISSUE26["crop 10% bottom"](marked))
     found = lattice.read(attacked, {48})
     assert found["confidence"] >= lattice.CONFIDENCE_THRESHOLD and found["words"][48]["message"] == MESSAGE
     monkeypatch.setattr(lattice, "_refit", lambda residual, basis, count, length: (basis, np.zeros(125)))

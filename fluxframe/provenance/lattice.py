@@ -35,7 +35,7 @@ change) — from the autocorrelation before it reads the message.
 
 A mark is claimed only at ``CONFIDENCE_THRESHOLD`` and a decode within the code's correction radius plus the
 ``_CHASE`` flipped bits (see ``robust.decode_word``). Dense fine textures (gravel, grass, brick) at 256² do not hold
-a readable mark at PSNR 40 dB, nor do some textured photos (astronaut, immunohistochemistry) at 256². Images with
+a readable mark at PSNR 39 dB, nor do some textured photos (astronaut, immunohistochemistry) at 256². Images with
 either edge under ``MIN_EDGE`` are not marked. Rotation beyond ``MAX_ANGLE``, downscaling that leaves the chips
 under ~2 px (a 256² image resized to half) and regeneration are outside what it reliably survives
 (bench/watermark_grid.py measures it).
@@ -68,7 +68,10 @@ GRID = TILE // CHIP
 SYNC_CHIPS = GRID * GRID // 4
 #: Smallest edge the method marks.
 MIN_EDGE = 256
-PSNR_TARGET = 40.0
+#: PSNR of textured images (their mark is scaled down to it). Issue 26 allows at least 38 dB and 40 on average; at
+#: 39 (40 before) its matrix reads 435/458/513/516 of 520 instead of 402/446/509/504 (docs/provenance.md). Images
+#: whose mark stays under this bound (flat ones, raised to PSNR_FLAT) are marked exactly as before.
+PSNR_TARGET = 39.0
 PSNR_FLAT = 44.0
 #: Sync-peak confidence (standard deviations over the correlation's noise floor) from which a mark is claimed.
 CONFIDENCE_THRESHOLD = 7.0
