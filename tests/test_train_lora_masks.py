@@ -102,8 +102,9 @@ def test_training_with_masks(diffusers_flux2_folder, lora_host, tmp_path):
     assert json.loads((out.parent / "style.training.json").read_text())["loss_masks"]["unmasked_weight"] == 0.25
 
 
-@pytest.mark.parametrize("case", ["missing", "size", "not a folder", "weight", "all black"])
-def test_bad_masks_are_one_line_naming_the_file_and_write_nothing(diffusers_flux2_folder, lora_host, tmp_path, case):
+@pytest.mark.parametrize("case", ["missing", "size", "huge", "unreadable", "not a folder", "weight", "all black"])
+def test_bad_masks_are_one_line_naming_the_file_and_write_nothing(diffusers_flux2_folder, lora_host, tmp_path, case,
+                                                                  monkeypatch):
     data = make_data(tmp_path / "data", colours=("red", "blue"))
     mask_dir, options, named = masks(data), {}, None
     if case == "missing":
@@ -111,6 +112,13 @@ def test_bad_masks_are_one_line_naming_the_file_and_write_nothing(diffusers_flux
         named = "blue.png"
     elif case == "size":
         Image.new("L", (16, 16), 255).save(mask_dir / "red.png")
+        named = str(mask_dir / "red.png")
+    elif case == "huge":  # refused from its header, before it is decoded
+        monkeypatch.setattr(train_lora, "MAX_IMAGE_PIXELS", 40 * 40)
+        Image.new("L", (64, 64), 255).save(mask_dir / "red.png")
+        named = f"{mask_dir / 'red.png'}: too large"
+    elif case == "unreadable":
+        (mask_dir / "red.png").write_bytes(b"not an image")
         named = str(mask_dir / "red.png")
     elif case == "not a folder":
         mask_dir, named = data / "red.png", "--loss-masks"

@@ -122,26 +122,30 @@ def _read_metadata(folder: Path, metadata: Path) -> list[Item]:
 
 def open_images(items: list[Item]) -> dict[str, object]:
     """Every image decoded (RGB), with its bytes' SHA-256; TrainingError naming an unreadable or huge one."""
+    return {item.name: _open_image(item.image, "RGB", "image") for item in items}
+
+
+def _open_image(path: Path, mode: str, what: str) -> tuple[object, str]:
+    """(the image at ``path`` decoded in ``mode``, its bytes' SHA-256); TrainingError naming the file for an
+    unreadable one (``what``: "image", "mask") or one over MAX_IMAGE_PIXELS (read from the header, before
+    decoding)."""
     import io
 
     from PIL import Image
 
     from fluxframe.core.inputs import read_input
 
-    images = {}
-    for item in items:
-        try:
-            data = read_input(item.image, "data")
-            with Image.open(io.BytesIO(data.data)) as probe:  # the size from the header, before decoding
-                w, h = probe.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise TrainingError(f"{item.image}: too large ({w}x{h}, more than {MAX_IMAGE_PIXELS} pixels)")
-            images[item.name] = (data.image("data").convert("RGB"), data.sha256)
-        except RequestError as exc:  # "data: <path>: not a readable image (...)" and the like
-            raise TrainingError(str(exc).removeprefix("data: ")) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise TrainingError(f"{item.image}: unreadable image ({exc})") from None
-    return images
+    try:
+        data = read_input(path, "data")
+        with Image.open(io.BytesIO(data.data)) as probe:
+            w, h = probe.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise TrainingError(f"{path}: too large ({w}x{h}, more than {MAX_IMAGE_PIXELS} pixels)")
+        return data.image("data").convert(mode), data.sha256
+    except RequestError as exc:  # "data: <path>: not a readable image (...)" and the like
+        raise TrainingError(str(exc).removeprefix("data: ")) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise TrainingError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def dataset_hash(items: list[Item], images: dict) -> str:
@@ -155,10 +159,6 @@ def read_loss_masks(items: list[Item], folder: Path, images: dict) -> dict[str, 
     """Each item's loss mask: the grey image ``folder/<item stem>.<png|jpg|jpeg|webp>`` of the item's size (white
     counts fully, black at ``--unmasked-weight``), with its bytes' SHA-256; TrainingError naming the file for a
     missing, unreadable or mis-sized mask."""
-    from PIL import Image
-
-    from fluxframe.core.inputs import read_input
-
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainingError(f"--loss-masks {folder}: not a folder")
@@ -168,18 +168,12 @@ def read_loss_masks(items: list[Item], folder: Path, images: dict) -> dict[str, 
         found = [p for p in (folder / (stem + suffix) for suffix in IMAGE_SUFFIXES) if p.is_file()]
         if not found:
             raise TrainingError(f"{item.image}: no loss mask (expected {stem}.png in {folder})")
-        try:
-            data = read_input(found[0], "mask")
-            mask = data.image("mask").convert("L")
-        except RequestError as exc:
-            raise TrainingError(str(exc).removeprefix("mask: ")) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise TrainingError(f"{found[0]}: unreadable mask ({exc})") from None
+        mask, sha = _open_image(found[0], "L", "mask")
         if mask.size != images[item.name][0].size:
             w, h = images[item.name][0].size
             raise TrainingError(f"{found[0]}: the mask is {mask.size[0]}x{mask.size[1]}, its image {item.image.name} "
                                 f"is {w}x{h}")
-        masks[item.name] = (mask, data.sha256)
+        masks[item.name] = (mask, sha)
     return masks
 
 
