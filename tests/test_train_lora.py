@@ -249,6 +249,26 @@ def test_a_finished_loras_file_is_replaced_only_with_overwrite(diffusers_flux2_f
     assert json.loads((out.parent / "style.training.json").read_text())["seed"] == 4
 
 
+def test_a_run_removes_the_temporaries_a_killed_run_left(diffusers_flux2_folder, lora_host, tmp_path, monkeypatch):
+    """A kill -9 mid-write leaves atomic_write's temporary (hidden, named after the file it was writing: the LoRA,
+    its record, the resumable state, the encoding cache); the next run of the same --out removes them."""
+    import os
+
+    from fluxframe.core import files
+
+    out = tmp_path / "run" / "style.safetensors"
+    out.parent.mkdir()
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # as a killed process would have named them
+    left = [files._temporary(p, "tmp") for p in (out, *train_lora._paths(out).values())]
+    monkeypatch.undo()
+    for path in left:
+        path.write_bytes(b"cut short")
+    (out.parent / "other.safetensors.tmp-4242").write_bytes(b"not ours")  # another file's: kept
+    train_lora.train(config(diffusers_flux2_folder, tmp_path), make_data(tmp_path / "data", colours=("red",)), out,
+                     host=lora_host, **{**OPTIONS, "steps": 2})
+    assert written(out.parent) == ["other.safetensors.tmp-4242", "style.safetensors", "style.training.json"]
+
+
 def test_cli_registers_train_lora_and_reports_errors_on_one_line(lora_host, tmp_path, capsys):
     from fluxframe.cli import main
 

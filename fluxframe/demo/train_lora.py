@@ -36,6 +36,7 @@ The run, in order:
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import math
 import sys
@@ -649,8 +650,9 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
         raise TrainingError("--sample-prompt: an empty prompt")
     alpha = float(rank if alpha is None else alpha)
     paths = _paths(out)
-    for stale in out.parent.glob(f".{out.name}.*.tmp-*"):  # a write a kill -9 cut short: never read, so dropped
-        stale.unlink(missing_ok=True)
+    for written in (out, *paths.values()):  # a write a kill -9 cut short (atomic_write's temporaries): never read
+        for stale in out.parent.glob(f".{glob.escape(written.name)}.tmp-*"):
+            stale.unlink(missing_ok=True)
     samples_dir = out.with_name(f"{out.stem}.samples")
     started = time.time()
 
