@@ -345,9 +345,9 @@ def test_chips_read_at_a_fractional_offset_agree_with_the_pattern_at_an_integer_
     spectrum = np.fft.rfft2(folded)
     for offset in ((0, 0), (5, 61), (33, 2)):
         expected = lattice.PATTERN.soft_words(folded, offset, {48})[48]
-        assert np.allclose(lattice._soft_from_chips(lattice._chip_values(spectrum, offset), 48), expected)
+        assert np.allclose(lattice.PATTERN.words(lattice._chip_values(spectrum, offset), {48})[48], expected)
     # half a pixel: between the readings at the two neighbouring offsets, and neither of them
-    half = lattice._soft_from_chips(lattice._chip_values(spectrum, (5, 60.5)), 48)
+    half = lattice.PATTERN.words(lattice._chip_values(spectrum, (5, 60.5)), {48})[48]
     left, right = (lattice.PATTERN.soft_words(folded, (5, c), {48})[48] for c in (60, 61))
     assert not np.allclose(half, left) and not np.allclose(half, right)
     assert np.corrcoef(half, left + right)[0, 1] > 0.9

@@ -542,15 +542,7 @@ def _chip_values(spectrum: np.ndarray, offset: tuple[float, float]) -> np.ndarra
     fy = np.fft.fftfreq(TILE)[:, None]
     fx = np.fft.rfftfreq(TILE)[None, :]
     phase = np.exp(2j * np.pi * (fy * offset[0] + fx * offset[1]))
-    matched = np.fft.irfft2(spectrum * _smoother(TILE, _SMOOTH) * phase, s=(TILE, TILE))
-    return matched.reshape(GRID, CHIP, GRID, CHIP).sum(axis=(1, 3)).ravel()
-
-
-def _soft_from_chips(chips: np.ndarray, length: int) -> np.ndarray:
-    """The coded bits' soft values from the chip values (as ``PATTERN.soft_words``)."""
-    n = length + _bch(length).ecc_bits
-    return np.bincount(np.arange(len(PATTERN.message)) % n, weights=chips[PATTERN.message] * PATTERN.spread,
-                       minlength=n)
+    return PATTERN.chip_sums(np.fft.irfft2(spectrum * _smoother(TILE, _SMOOTH) * phase, s=(TILE, TILE)))
 
 
 def _subpixel(corr: np.ndarray, index: tuple[int, int]) -> tuple[float, float]:
@@ -579,10 +571,10 @@ def _refit(residual: np.ndarray, basis: np.ndarray, count: np.ndarray, length: i
     def score(trial: np.ndarray) -> tuple[float, np.ndarray]:
         folded, _ = _fold(residual, trial[:2], trial[2:], count)
         spectrum = np.fft.rfft2(folded)
-        corr = np.fft.irfft2(spectrum * PATTERN._sync_spectrum, s=folded.shape)
+        corr = PATTERN.sync_correlation(spectrum)
         index = np.unravel_index(int(np.argmax(corr)), corr.shape)
         chips = _chip_values(spectrum, _subpixel(corr, (int(index[0]), int(index[1]))))
-        soft = _soft_from_chips(chips, length)
+        soft = PATTERN.words(chips, {length})[length]
         return float(np.sum(chips[PATTERN.sync] * PATTERN.sync_sign) + np.sum(np.abs(soft))), soft
 
     best, soft = score(basis)

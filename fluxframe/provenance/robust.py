@@ -187,16 +187,20 @@ class ChipPattern:
         chips[self.message] = self.spread * (2.0 * word[bit] - 1.0) * (1.0 if gains is None else gains[bit])
         return chips
 
+    def sync_correlation(self, spectrum: np.ndarray) -> np.ndarray:
+        """The sync pattern's cyclic cross-correlation with a folded tile, given by its ``rfft2``."""
+        return np.fft.irfft2(spectrum * self._sync_spectrum, s=(self.size, self.size))
+
     def sync_peak(self, folded: np.ndarray) -> tuple[float, tuple[int, int]]:
         """Confidence (peak over the noise floor, in standard deviations) and cyclic offset of the sync pattern
         in a folded tile."""
-        corr = np.fft.irfft2(np.fft.rfft2(folded) * self._sync_spectrum, s=folded.shape)
+        corr = self.sync_correlation(np.fft.rfft2(folded))
         index = np.unravel_index(int(np.argmax(corr)), corr.shape)
         return self._confidence(corr, index), (int(index[0]), int(index[1]))
 
     def sync_confidence(self, folded: np.ndarray, offset: tuple[int, int]) -> float:
         """The confidence ``sync_peak`` gives the sync pattern's correlation at ``offset``, peak or not."""
-        return self._confidence(np.fft.irfft2(np.fft.rfft2(folded) * self._sync_spectrum, s=folded.shape), offset)
+        return self._confidence(self.sync_correlation(np.fft.rfft2(folded)), offset)
 
     def _confidence(self, corr: np.ndarray, index) -> float:
         """The correlation at ``index`` over the rest (7×7 around it left out), in standard deviations."""
@@ -211,7 +215,14 @@ class ChipPattern:
         sync offset, each coded bit summed over its chips."""
         aligned = np.roll(folded, (-offset[0], -offset[1]), axis=(0, 1))
         matched = np.fft.irfft2(np.fft.rfft2(aligned) * _smoother(self.size, self.smooth), s=aligned.shape)
-        chips = matched.reshape(self.grid, self.chip, self.grid, self.chip).sum(axis=(1, 3)).ravel()
+        return self.words(self.chip_sums(matched), lengths)
+
+    def chip_sums(self, matched: np.ndarray) -> np.ndarray:
+        """Every chip's value: the matched-filtered tile summed over each chip's pixels."""
+        return matched.reshape(self.grid, self.chip, self.grid, self.chip).sum(axis=(1, 3)).ravel()
+
+    def words(self, chips: np.ndarray, lengths) -> dict[int, np.ndarray]:
+        """Per message length, the coded bits' soft values from the chip values (each bit summed over its chips)."""
         values = chips[self.message] * self.spread
         soft = {}
         for length in lengths:
