@@ -619,11 +619,12 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise TrainingError(f"{out}: the LoRA is written as safetensors; name it *.safetensors")
+    paths = _paths(out)
     guard = build_guard(config)
-    for path in (out, *_paths(out).values()):  # the LoRA, its record, and the checkpoint and cache beside it
+    for path in (out, *paths.values()):  # the LoRA, its record, and the checkpoint and cache beside it
         if (why := guard.problem(path)) is not None:
             raise TrainingError(f"--out {out}: {path} {why}")
-    if out.exists() and not _paths(out)["state"].exists() and not overwrite:  # a finished training's file
+    if out.exists() and not paths["state"].exists() and not overwrite:  # a finished training's file
         raise TrainingError(f"--out {out}: exists; pass --overwrite to train again and replace it")
     for option, value in (("--rank", rank), ("--steps", steps), ("--batch-size", batch_size),
                           ("--checkpoint-every", checkpoint_every)):
@@ -649,7 +650,6 @@ def train(config, data: Path, out: Path, *, rank: int = 16, alpha: float | None 
     if any(not p for p in sample_prompts):
         raise TrainingError("--sample-prompt: an empty prompt")
     alpha = float(rank if alpha is None else alpha)
-    paths = _paths(out)
     for written in (out, *paths.values()):  # a write a kill -9 cut short (atomic_write's temporaries): never read
         for stale in out.parent.glob(f".{glob.escape(written.name)}.tmp-*"):
             stale.unlink(missing_ok=True)
